@@ -1,0 +1,73 @@
+"""What every datamodule shares: reading images with errors that name the file, and
+per-worker seeding of the albumentations random streams.
+
+albumentations >= 2 keeps its own random generator inside each ``A.Compose`` and ignores the
+global seeds, so forked DataLoader workers would all inherit the same generator state and
+repeat each other's augmentations. ``seed_worker`` (the loaders' ``worker_init_fn``) reseeds
+the dataset's pipeline from torch's per-worker seed, which torch derives from the run seed
+(``seed_everything``) and the worker id.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+# albumentations asks the network for a newer version at import; there is none to ask here.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+# ImageNet statistics, used by every task's normalisation (the backbone is pre-trained on them).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, unreadable or inconsistent; the message names the file."""
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode any image file as an ``H x W x 3`` uint8 RGB array.
+
+    Handles what real datasets contain: CMYK and grayscale JPEGs, palette PNGs, and PNG data in
+    a file named ``.JPEG``. A truncated or unreadable file raises ``DatasetError`` naming it.
+    """
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError as err:
+        raise DatasetError(f"{path}: image file does not exist") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(f"{path}: cannot be decoded as an image ({err})") from err
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """Decode a single-channel label PNG as an ``H x W`` uint8 array, keeping the raw ids."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P", "I", "I;16"):
+                raise DatasetError(f"{path}: label image has mode {image.mode!r}, expected one channel")
+            return np.asarray(image).astype(np.int64)
+    except FileNotFoundError as err:
+        raise DatasetError(f"{path}: label file does not exist") from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetError(f"{path}: cannot be decoded as a label image ({err})") from err
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: give this worker's augmentation pipeline its own random stream."""
+    info = torch.utils.data.get_worker_info()
+    reseed = getattr(info.dataset, "reseed", None)
+    if reseed is not None:
+        reseed(info.seed % 2**32)
+
+
+def require_dir(path: str | os.PathLike, what: str) -> Path:
+    """Return ``path`` as a Path, or raise ``DatasetError`` saying which directory is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DatasetError(f"{path}: {what} directory does not exist")
+    return path

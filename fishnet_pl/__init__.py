@@ -1,0 +1,16 @@
+"""fishnet-pl: FishNet backbones, exact to the authors' model, with Lightning task heads."""
+
+from fishnet_pl.models import (  # noqa: F401
+    FishNet,
+    FishNetConfig,
+    create_backbone,
+    fishnet99,
+    fishnet150,
+    fishnet201,
+    fishnet_tiny,
+    fishnext99_32x4d,
+    fishnext150_32x4d,
+    fishnext201_32x4d,
+    list_backbones,
+)
+from fishnet_pl.models.official import load_official_weights  # noqa: F401,E402

@@ -1,0 +1,154 @@
+"""Load the authors' released FishNet checkpoints (``fishnet150_ckpt.tar`` etc.) into ``FishNet``.
+
+Our module names are cleaner than the authors' nested lists (``fish.fish.4.1.0.conv1`` is the first
+transfer block of the first body stage); one explicit table translates them, every shape is
+checked, and a missing or extra key is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+
+from fishnet_pl.models.fishnet import FishNet
+
+# (our name pattern, the authors' name); the authors' fish.fish.<i> index stages 0..9.
+_RENAMES = [
+    (r"stem\.conv(\d)\.(.+)", r"conv\1.\2"),
+    (r"tail\.(\d)\.blocks\.(.+)", lambda m: f"fish.fish.{int(m[1])}.0.{m[2]}"),
+    (r"bridge\.expand\.([0-4])\.(.+)", r"fish.fish.3.0.\1.\2"),  # the bridge's score BN-ReLU-conv-BN-ReLU
+    (r"bridge\.expand\.5\.(.+)", r"fish.fish.3.1.\1"),  # its 1x1 conv to 2C
+    (r"bridge\.blocks\.(.+)", r"fish.fish.3.2.\1"),
+    (r"bridge\.attention\.(.+)", r"fish.fish.3.3.0.\1"),
+    (r"body\.(\d)\.blocks\.(.+)", lambda m: f"fish.fish.{4 + int(m[1])}.0.{m[2]}"),
+    (r"body\.(\d)\.transfer\.(.+)", lambda m: f"fish.fish.{4 + int(m[1])}.1.{m[2]}"),
+    (r"head\.(\d)\.blocks\.(.+)", lambda m: f"fish.fish.{7 + int(m[1])}.0.{m[2]}"),
+    (r"head\.(\d)\.transfer\.(.+)", lambda m: f"fish.fish.{7 + int(m[1])}.1.{m[2]}"),
+    (r"pre_logits\.(.+)", r"fish.fish.9.3.\1"),
+    (r"fc\.(.+)", r"fish.fish.9.4.1.\1"),
+]
+_RENAMES = [(re.compile(pattern), repl) for pattern, repl in _RENAMES]
+# The score layers: absent from a features-only backbone, replaced when fine-tuning to new classes.
+_SCORE_PREFIXES = ("fish.fish.9.3.", "fish.fish.9.4.")
+_FC_PREFIX = "fish.fish.9.4."
+
+
+class LoadReport(NamedTuple):
+    loaded: list[str]
+    """Our parameter and buffer names that received checkpoint values."""
+    dropped: list[str]
+    """Checkpoint keys deliberately not loaded (score layers the model does not have or replaces)."""
+
+
+def official_name(name: str) -> str:
+    """The authors' state-dict key (without ``module.``) for one of our ``FishNet`` keys."""
+    for pattern, repl in _RENAMES:
+        if pattern.fullmatch(name):
+            return pattern.sub(repl, name)
+    raise KeyError(f"no official name for FishNet key {name!r}")
+
+
+def official_state_dict_shapes(model: FishNet) -> dict[str, torch.Size]:
+    """The authors' key -> shape layout for a model of this configuration."""
+    return {official_name(k): v.shape for k, v in model.state_dict().items()}
+
+
+def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping) -> dict[str, torch.Tensor]:
+    """A state dict from a path or mapping: ``{'state_dict': ...}`` unwrapped, ``module.`` stripped."""
+    source = path_or_state_dict
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{source}: checkpoint file does not exist")
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    if isinstance(source, Mapping) and isinstance(source.get("state_dict"), Mapping):
+        source = source["state_dict"]
+    if not isinstance(source, Mapping) or not all(isinstance(v, torch.Tensor) for v in source.values()):
+        raise ValueError(f"{path_or_state_dict!s:.200}: not a state dict or a checkpoint holding one")
+    return {k.removeprefix("module."): v for k, v in source.items()}
+
+
+def load_official_weights(model: FishNet, path_or_state_dict: str | os.PathLike | Mapping, *,
+                          drop_classifier: bool = False) -> LoadReport:
+    """Load an official FishNet checkpoint into ``model`` and return what was loaded and dropped.
+
+    Accepts the released ``.tar`` files (a dict whose ``state_dict`` keys start with ``module.``)
+    or a bare state dict, with or without the prefix. Every key of the model must be present
+    with the same shape and the checkpoint may hold nothing else, except the score layers: they
+    are dropped when the model has none (``features_only``) or, with ``drop_classifier=True``,
+    when the model gets a new classifier (the final 1x1 conv keeps its initialisation).
+    If ``in_channels`` is not 3, the stem's first convolution is adapted (averaged to 1 channel,
+    or the RGB filters repeated and rescaled for more) so pretrained inputs keep their scale.
+    """
+    state = read_checkpoint(path_or_state_dict)
+    ours = model.state_dict()
+    wanted = {official_name(k): k for k in ours}
+    droppable = _SCORE_PREFIXES if model.features_only else (_FC_PREFIX,)
+    dropped = {k for k in state if k.startswith(droppable) and (k not in wanted or drop_classifier)}
+
+    stem_key = official_name("stem.conv1.0.weight")
+    if stem_key in state and state[stem_key].shape[1] != model.in_channels:
+        state = {**state, stem_key: adapt_input_conv(state[stem_key], model.in_channels)}
+
+    missing = [k for k in wanted if k not in state and not (drop_classifier and k.startswith(_FC_PREFIX))]
+    unexpected = [k for k in state if k not in wanted and k not in dropped]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(ours[wanted[k]].shape)}"
+                  for k in wanted if k in state and k not in dropped and state[k].shape != ours[wanted[k]].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(_mismatch_message(model, state, missing, unexpected, mismatched))
+
+    to_load = {wanted[k]: v for k, v in state.items() if k in wanted and k not in dropped}
+    result = model.load_state_dict(to_load, strict=False)
+    assert not result.unexpected_keys  # every key was mapped from the model's own names above
+    return LoadReport(loaded=sorted(to_load), dropped=sorted(dropped))
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Adapt RGB stem filters ``[out, 3, k, k]`` to ``in_channels`` inputs (as timm does)."""
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_channels // weight.shape[1])
+    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
+
+
+def _mismatch_message(model: FishNet, state: Mapping, missing: list, unexpected: list, mismatched: list) -> str:
+    lines = [f"checkpoint does not match this {_variant_of(model) or 'FishNet'} "
+             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mismatched keys)"]
+    shapes = {k: v.shape for k, v in state.items() if not k.startswith(_SCORE_PREFIXES)}
+    other = _variant_matching(shapes)
+    if other:
+        lines.append(f"the checkpoint has the layout of {other}: create that model instead")
+    if not shapes and not model.features_only:
+        lines.append("it holds only score layers")
+    if mismatched and all(k.startswith(_FC_PREFIX) for k in (m.split(":")[0] for m in mismatched)):
+        lines.append("only the classifier differs: pass drop_classifier=True to fine-tune a new one")
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
+        if keys:
+            lines.append(f"{title}: " + ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else ""))
+    return "\n  ".join(lines)
+
+
+def _variant_of(model: FishNet) -> str | None:
+    from fishnet_pl.models import fishnet as variants
+
+    for name in ("FISHNET99", "FISHNET150", "FISHNET201", "FISHNET_TINY"):
+        cfg = getattr(variants, name)
+        if model.cfg == cfg:
+            return name.lower()
+    return None
+
+
+def _variant_matching(shapes: Mapping[str, torch.Size]) -> str | None:
+    """The registered variant whose layout (score layers aside) equals these shapes, if any."""
+    from fishnet_pl.models.registry import create_backbone, list_backbones
+
+    for name in list_backbones():
+        with torch.device("meta"):
+            candidate = create_backbone(name, features_only=True)
+        layout = {k: s for k, s in official_state_dict_shapes(candidate).items()}
+        if layout == dict(shapes):
+            return name
+    return None
