@@ -127,7 +127,8 @@ def _mismatch_message(model: FishNet, state: Mapping, missing: list, unexpected:
         lines.append("only the classifier differs: pass drop_classifier=True to fine-tune a new one")
     for title, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
         if keys:
-            lines.append(f"{title}: " + ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else ""))
+            more = f", ... ({len(keys) - 8} more)" if len(keys) > 8 else ""
+            lines.append(f"{title}: " + ", ".join(keys[:8]) + more)
     return "\n  ".join(lines)
 
 
