@@ -14,3 +14,5 @@ from fishnet_pl.models import (  # noqa: F401
     list_backbones,
 )
 from fishnet_pl.models.official import load_official_weights  # noqa: F401,E402
+from fishnet_pl.module import FishNetModule  # noqa: F401,E402
+from fishnet_pl.tasks import ClassificationHead, TaskHead  # noqa: F401,E402

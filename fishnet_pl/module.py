@@ -1,0 +1,207 @@
+"""``FishNetModule``: one LightningModule for every task, the head chosen by configuration."""
+
+from __future__ import annotations
+
+import bisect
+import importlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import nn
+
+from fishnet_pl.callbacks import PredictionWriter, RNGStateCheckpoint
+from fishnet_pl.models import create_backbone
+from fishnet_pl.models.weights import load_backbone_weights
+from fishnet_pl.tasks.base import TaskHead
+from fishnet_pl.tasks.classification import ClassificationHead
+
+log = logging.getLogger(__name__)
+
+
+class FishNetModule(L.LightningModule):
+    """A FishNet backbone plus a task head, trained with SGD or AdamW.
+
+    Args:
+        head: the task (``ClassificationHead``, ``SegmentationHead``, ``DetectionHead``).
+        backbone: registered backbone name (``fishnet_pl.list_backbones()``).
+        num_classes: classes of the task (linked from ``data.num_classes`` by the CLI).
+        backbone_weights: start the backbone from a file: an official FishNet ``.tar`` or one of
+            our Lightning ``.ckpt`` files (any task); the classifier is dropped when it differs.
+        in_channels: input image channels.
+        frozen_stages: freeze the first N backbone stages (stem, tail.0-2, bridge, body.0-2, head.0-2).
+        freeze_bn: keep every backbone BatchNorm in eval mode with frozen affine parameters.
+        unfreeze_at_epoch: with ``frozen_stages``, unfreeze the backbone at this epoch (0 = never).
+        grad_checkpointing: recompute backbone activations in backward to save memory.
+        optimizer: "sgd" (momentum, the authors' choice) or "adamw".
+        lr: peak learning rate; default 0.1 x global batch / 256 for SGD, 1e-3 x global batch / 256 for AdamW.
+        momentum: SGD momentum.
+        weight_decay: applied to all weights and biases, as the authors did.
+        backbone_lr_mult: backbone learning rate = ``lr`` x this (e.g. 0.1 when fine-tuning).
+        schedule: "step" (x ``gamma`` at each epoch of ``milestones``), "cosine" or "poly" (power 0.9),
+            after ``warmup_epochs`` of linear warm-up; the rate is updated every step.
+        milestones: epochs at which the "step" schedule multiplies the rate by ``gamma``.
+        gamma: factor of the "step" schedule.
+        warmup_epochs: linear warm-up length in epochs (fractions allowed).
+        predict_dir: where ``predict`` writes its files (default: ``<default_root_dir>/predictions``).
+    """
+
+    def __init__(
+        self,
+        head: TaskHead | None = None,
+        backbone: str = "fishnet150",
+        num_classes: int = 1000,
+        backbone_weights: str | None = None,
+        in_channels: int = 3,
+        frozen_stages: int = 0,
+        freeze_bn: bool = False,
+        unfreeze_at_epoch: int = 0,
+        grad_checkpointing: bool = False,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float | None = None,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        backbone_lr_mult: float = 1.0,
+        schedule: Literal["step", "cosine", "poly", "constant"] = "step",
+        milestones: tuple[int, ...] = (30, 60, 90),
+        gamma: float = 0.1,
+        warmup_epochs: float = 0.0,
+        predict_dir: str | None = None,
+    ):
+        super().__init__()
+        head = _as_head(head)
+        self.save_hyperparameters(ignore=["head"])
+        self.hparams["head"] = head.config()  # plain values: load_from_checkpoint rebuilds the head
+        self.backbone = create_backbone(
+            backbone, in_channels=in_channels, frozen_stages=frozen_stages, freeze_bn=freeze_bn,
+            grad_checkpointing=grad_checkpointing, **head.backbone_kwargs(num_classes))
+        if backbone_weights:
+            load_backbone_weights(self.backbone, backbone_weights)
+        self.head = head
+        self.head.build(self.backbone, num_classes)
+
+    def forward(self, images: Any) -> Any:
+        return self.head(self.backbone, images)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.head.training_step(self.backbone, batch)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, batch_size=_batch_size(batch))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def _evaluation_step(self, batch: dict, stage: str) -> None:
+        logs = self.head.evaluation_step(self.backbone, batch, stage)
+        self.log_dict(logs, prog_bar=True, on_step=False, on_epoch=True, batch_size=_batch_size(batch),
+                      sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluation_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_epoch_end("test")
+
+    def _evaluation_epoch_end(self, stage: str) -> None:
+        logs = self.head.evaluation_epoch_end(stage, self.trainer)
+        if logs:
+            self.log_dict(logs, sync_dist=False)  # already reduced over processes by the metrics
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
+        return self.head.predict_step(self.backbone, batch)
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.unfreeze_at_epoch and self.current_epoch == self.hparams.unfreeze_at_epoch:
+            self.backbone.frozen_stages = 0
+            self.backbone.requires_grad_(True)
+            self.backbone._apply_freezing()  # keeps freeze_bn
+            self.backbone.train()
+            log.info("epoch %d: backbone unfrozen", self.current_epoch)
+
+    def on_fit_start(self) -> None:
+        has_sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
+        if has_sync_bn and self.device.type == "cpu":
+            raise RuntimeError("sync_batchnorm=True needs GPUs (torch's SyncBatchNorm does not run on the CPU); "
+                               "set --trainer.sync_batchnorm=false for CPU runs")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        lr = hp.lr if hp.lr is not None else (0.1 if hp.optimizer == "sgd" else 1e-3) * self._global_batch() / 256
+        # Frozen parameters join the optimizer too, so unfreezing later needs no new optimizer.
+        groups = [{"params": list(self.backbone.parameters()), "lr": lr * hp.backbone_lr_mult},
+                  {"params": [p for n, p in self.named_parameters() if not n.startswith("backbone.")], "lr": lr}]
+        groups = [g for g in groups if g["params"]]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay)
+        total = max(1, self.trainer.estimated_stepping_batches)  # also loads the train dataloader
+        batches = self.trainer.num_training_batches
+        per_epoch = batches / self.trainer.accumulate_grad_batches if math.isfinite(batches) else total
+        factor = LRFactor(hp.schedule, total, per_epoch, hp.milestones, hp.gamma, hp.warmup_epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _global_batch(self) -> int:
+        dm = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(dm, "batch_size", None) or 256
+        t = self.trainer
+        return per_device * t.world_size * t.accumulate_grad_batches
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        out = Path(self.hparams.predict_dir) if self.hparams.predict_dir else None
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+            monitor=self.head.monitor, mode=self.head.monitor_mode, save_last=True,
+            filename="epoch{epoch:03d}-" + self.head.monitor.replace("/", "_") + "={" + self.head.monitor + ":.4f}",
+            auto_insert_metric_name=False)
+        return [checkpoint, RNGStateCheckpoint(), PredictionWriter(out)]
+
+
+class LRFactor:
+    """Learning-rate multiplier at a step: linear warm-up, then step, cosine, poly or constant."""
+
+    def __init__(self, schedule: str, total_steps: int, steps_per_epoch: float, milestones, gamma: float,
+                 warmup_epochs: float):
+        self.schedule, self.total, self.gamma = schedule, total_steps, gamma
+        self.milestones = [m * steps_per_epoch for m in milestones]
+        self.warmup = min(warmup_epochs * steps_per_epoch, total_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1.0, self.total - self.warmup))
+        if self.schedule == "step":
+            return self.gamma ** bisect.bisect_right(self.milestones, step)
+        if self.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.schedule == "poly":
+            return (1.0 - progress) ** 0.9
+        return 1.0
+
+
+def _as_head(head: TaskHead | dict | None) -> TaskHead:
+    """A head instance from an instance, a ``{"class_path", "init_args"}`` dict, or None (classification)."""
+    if head is None:
+        return ClassificationHead()
+    if isinstance(head, TaskHead):
+        return head
+    if isinstance(head, dict) and "class_path" in head:
+        module, _, name = head["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None)
+        if not (isinstance(cls, type) and issubclass(cls, TaskHead)):
+            raise ValueError(f"head class_path {head['class_path']!r} is not a fishnet_pl TaskHead")
+        return cls(**head.get("init_args", {}))
+    raise TypeError(f"head must be a TaskHead or a class_path/init_args dict, got {type(head).__name__}")
+
+
+def _batch_size(batch: dict) -> int:
+    images = batch.get("image", batch.get("images"))
+    return len(images)

@@ -1,0 +1,2 @@
+from fishnet_pl.tasks.base import TaskHead  # noqa: F401
+from fishnet_pl.tasks.classification import ClassificationHead  # noqa: F401

@@ -1,0 +1,83 @@
+"""Image classification: the FishNet score layer, cross-entropy, top-1/top-5 accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
+
+from fishnet_pl.models import FishNet
+from fishnet_pl.tasks.base import TaskHead
+
+
+class ClassificationHead(TaskHead):
+    """FishNet's own score layer (BN-ReLU-1x1-BN-ReLU, pool, 1x1) trained with cross-entropy.
+
+    Args:
+        label_smoothing: cross-entropy label smoothing (0 = the authors' recipe).
+        mixup_alpha: Beta(alpha, alpha) of MixUp; 0 disables it.
+        cutmix_alpha: Beta(alpha, alpha) of CutMix; 0 disables it. With both on, each batch
+            uses one of the two at random (torchvision's MixUp / CutMix).
+    """
+
+    monitor = "val/acc1"
+    monitor_mode = "max"
+
+    def __init__(self, label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing, self.mixup_alpha, self.cutmix_alpha = label_smoothing, mixup_alpha, cutmix_alpha
+
+    def backbone_kwargs(self, num_classes: int) -> dict[str, Any]:
+        return {"num_classes": num_classes}
+
+    def build(self, backbone: FishNet, num_classes: int) -> None:
+        self.num_classes = num_classes
+        mixes = [cls(alpha=a, num_classes=num_classes)
+                 for cls, a in ((v2.MixUp, self.mixup_alpha), (v2.CutMix, self.cutmix_alpha)) if a > 0]
+        self.mix = v2.RandomChoice(mixes) if mixes else None
+        top5 = min(5, num_classes)
+        metrics = MetricCollection({
+            "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro")})
+        self.metrics = torch.nn.ModuleDict({"val": metrics.clone(prefix="val/"),
+                                            "test": metrics.clone(prefix="test/")})
+
+    def forward(self, backbone: FishNet, images: torch.Tensor) -> torch.Tensor:
+        return backbone(images)
+
+    def training_step(self, backbone: FishNet, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images, labels = batch["image"], batch["label"]
+        if self.mix is not None:
+            images, labels = self.mix(images, labels)  # labels become class probabilities
+        logits = backbone(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return loss, {"loss": loss}
+
+    def evaluation_step(self, backbone: FishNet, batch: dict, stage: str) -> dict[str, Any]:
+        logits = backbone(batch["image"])
+        metrics = self.metrics[stage]
+        metrics.update(logits, batch["label"])
+        return {f"{stage}/loss": F.cross_entropy(logits, batch["label"]), **metrics}
+
+    def predict_step(self, backbone: FishNet, batch: dict) -> list[dict[str, Any]]:
+        probs = backbone(batch["image"]).softmax(dim=1)
+        scores, classes = probs.topk(min(5, probs.shape[1]), dim=1)
+        return [{"path": path, "classes": c.tolist(), "scores": s.tolist()}
+                for path, c, s in zip(batch["path"], classes.cpu(), scores.cpu())]
+
+    def write_predictions(self, records: list[dict[str, Any]], out_dir: Path, datamodule: Any, first: bool) -> None:
+        """One JSON line per image in ``predictions.jsonl``: path, top-5 class indices, names, probabilities."""
+        names = getattr(datamodule, "classes", None)
+        with open(out_dir / "predictions.jsonl", "w" if first else "a") as f:
+            for r in records:
+                if names is not None:
+                    r = {**r, "names": [names[c] for c in r["classes"]]}
+                f.write(json.dumps(r) + "\n")
