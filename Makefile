@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/fishnet-pl demo
+	$(PY) -m fishnet_pl.demo
 
 bench: $(STAMP)
 	$(PY) -m bench.backbones

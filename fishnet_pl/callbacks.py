@@ -50,3 +50,14 @@ class ThroughputProgressBar(L.pytorch.callbacks.TQDMProgressBar):
         if rate and batch_size and trainer.training:
             items["img/s"] = f"{rate * batch_size * trainer.world_size:.1f}"
         return items
+
+
+class PeriodicCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Writes ``last.ckpt`` every N training steps, so a killed run loses at most N steps.
+
+    A separate class from ``ModelCheckpoint``, because Lightning lets the module's own
+    ``ModelCheckpoint`` (best by the task's metric) replace trainer callbacks of the same type.
+    """
+
+    def __init__(self, every_n_train_steps: int = 1000, dirpath: str | None = None):
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm  # BatchNorm2d and SyncBatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from fishnet_pl.models.registry import register_backbone
@@ -276,7 +277,7 @@ class FishNet(nn.Module):
             stage.requires_grad_(False)
         if self.freeze_bn:
             for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
+                if isinstance(m, _BatchNorm):
                     m.requires_grad_(False)
 
     def train(self, mode: bool = True) -> FishNet:
@@ -286,7 +287,7 @@ class FishNet(nn.Module):
             frozen = self.stages()[: self.frozen_stages] if not self.freeze_bn else [self]
             for part in frozen:
                 for m in part.modules():
-                    if isinstance(m, nn.BatchNorm2d):
+                    if isinstance(m, _BatchNorm):
                         m.eval()
         return self
 

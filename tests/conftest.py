@@ -1,0 +1,34 @@
+"""Shared test helpers: paths of the shipped configs and a runner for the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def run_cli(args: list[str]):
+    """Run ``fishnet-pl`` in this process; returns the LightningCLI (trainer, model, datamodule)."""
+    from fishnet_pl.cli import main
+
+    return main([str(a) for a in args])
+
+
+def run_cli_subprocess(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``fishnet-pl`` as a new process (needed for DDP, which re-launches the command line)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "fishnet_pl.cli", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run with a temporary working directory: the configs' relative data/ and runs/ land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

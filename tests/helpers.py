@@ -1,0 +1,19 @@
+"""Callbacks the tests inject through the CLI (``--trainer.callbacks+=tests.helpers....``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+
+
+class KillAtStep(L.Callback):
+    """SIGKILLs the process when training is about to run step ``step``: a crash with no clean-up."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

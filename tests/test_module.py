@@ -1,0 +1,55 @@
+"""FishNetModule pieces a user configures: learning-rate rules, heads from checkpoints, bad names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fishnet_pl import ClassificationHead, FishNetModule
+from fishnet_pl.module import LRFactor
+
+
+def test_step_schedule_divides_by_ten_at_each_milestone_epoch():
+    factor = LRFactor("step", total_steps=1000, steps_per_epoch=10, milestones=(30, 60, 90), gamma=0.1,
+                      warmup_epochs=0)
+    assert [factor(s) for s in (0, 299, 300, 599, 600, 900)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.001])
+
+
+def test_cosine_and_poly_schedules_start_after_linear_warmup_and_end_at_zero():
+    cosine = LRFactor("cosine", total_steps=100, steps_per_epoch=10, milestones=(), gamma=0.1, warmup_epochs=1)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(10) == pytest.approx(1.0) and cosine(55) == pytest.approx(0.5) and cosine(100) == pytest.approx(0)
+    poly = LRFactor("poly", total_steps=100, steps_per_epoch=10, milestones=(), gamma=0.1, warmup_epochs=0)
+    assert poly(0) == 1.0 and poly(50) == pytest.approx(0.5**0.9) and poly(100) == 0.0
+
+
+def test_default_lr_is_0_1_times_global_batch_over_256():
+    module = FishNetModule(backbone="fishnet_tiny", num_classes=3)
+
+    class Trainer:  # what configure_optimizers reads: 2 devices x 64 images x 2 accumulated batches
+        world_size, accumulate_grad_batches, estimated_stepping_batches = 2, 2, 100
+        num_training_batches, max_epochs = 100, 1
+        datamodule = type("DM", (), {"batch_size": 64})()
+
+    module.trainer = Trainer()
+    opt = module.configure_optimizers()["optimizer"]
+    assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([0.1 * 256 / 256])
+    assert opt.defaults["momentum"] == 0.9 and all(g["weight_decay"] == 1e-4 for g in opt.param_groups)
+
+
+def test_head_options_survive_a_checkpoint(tmp_path):
+    module = FishNetModule(head=ClassificationHead(label_smoothing=0.1, mixup_alpha=0.2), backbone="fishnet_tiny",
+                           num_classes=3)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": "2.6.6"}, path)
+    loaded = FishNetModule.load_from_checkpoint(path)
+    assert isinstance(loaded.head, ClassificationHead)
+    assert (loaded.head.label_smoothing, loaded.head.mixup_alpha) == (0.1, 0.2)
+
+
+def test_unknown_backbone_or_head_is_one_clear_error():
+    with pytest.raises(ValueError, match="Unknown backbone 'fishnet15'. Did you mean fishnet150"):
+        FishNetModule(backbone="fishnet15")
+    with pytest.raises(ValueError, match="'os.path' is not a fishnet_pl TaskHead"):
+        FishNetModule(head={"class_path": "os.path", "init_args": {}}, backbone="fishnet_tiny")
