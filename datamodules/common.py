@@ -11,14 +11,12 @@ the dataset's pipeline from torch's per-worker seed, which torch derives from th
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-
-# albumentations asks the network for a newer version at import; there is none to ask here.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 # ImageNet statistics, used by every task's normalisation (the backbone is pre-trained on them).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,6 +61,27 @@ def seed_worker(worker_id: int) -> None:
     reseed = getattr(info.dataset, "reseed", None)
     if reseed is not None:
         reseed(info.seed % 2**32)
+
+
+def seed_pipeline(transform, seed: int) -> None:
+    """Give an ``A.Compose`` one random stream shared by all its transforms.
+
+    (``Compose.set_random_seed`` would seed every transform with the same number, so a crop and a
+    flip would draw identical sequences.)
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def pipeline_state(transform) -> dict:
+    """The random state of a pipeline seeded by ``seed_pipeline`` (plain values, checkpoint-safe)."""
+    return {"numpy": transform.random_generator.bit_generator.state, "python": transform.py_random.getstate()}
+
+
+def load_pipeline_state(transform, state: dict) -> None:
+    generator, py_random = np.random.default_rng(), random.Random()
+    generator.bit_generator.state = state["numpy"]
+    py_random.setstate(state["python"])
+    transform.set_random_state(generator, py_random)
 
 
 def require_dir(path: str | os.PathLike, what: str) -> Path:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 
@@ -33,31 +36,64 @@ class RNGStateCheckpoint(L.Callback):
     """
 
     def state_dict(self) -> dict[str, Any]:
-        return _collect_rng_states(include_cuda=False)
+        # Tensors and plain values only, so checkpoints still load with torch.load(weights_only=True).
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        _set_rng_states(state_dict)
+        torch.set_rng_state(state_dict["torch"])
+        random.setstate(state_dict["python"])
+        name, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
-class ThroughputProgressBar(L.pytorch.callbacks.TQDMProgressBar):
-    """The standard progress bar, plus training images per second over all processes."""
+class ImagesPerSecond(L.Callback):
+    """Logs training images per second over all processes (``train/img_per_s``, shown in the progress bar).
 
-    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
-        bar = self._train_progress_bar
-        rate = bar.format_dict.get("rate") if bar is not None else None
-        batch_size = getattr(trainer.datamodule, "batch_size", None)
-        if rate and batch_size and trainer.training:
-            items["img/s"] = f"{rate * batch_size * trainer.world_size:.1f}"
-        return items
-
-
-class PeriodicCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
-    """Writes ``last.ckpt`` every N training steps, so a killed run loses at most N steps.
-
-    A separate class from ``ModelCheckpoint``, because Lightning lets the module's own
-    ``ModelCheckpoint`` (best by the task's metric) replace trainer callbacks of the same type.
+    Measured from the end of one training batch to the end of the next, so data loading counts.
     """
 
-    def __init__(self, every_n_train_steps: int = 1000, dirpath: str | None = None):
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps)
+    def __init__(self):
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            images = len(batch.get("image", batch.get("images", ()))) * trainer.world_size
+            pl_module.log("train/img_per_s", images / (now - self._last), prog_bar=True, on_step=True,
+                          on_epoch=False, rank_zero_only=True)
+        self._last = now
+
+
+class LastCheckpoint(L.Callback):
+    """Writes ``last.ckpt`` (beside the best checkpoints) after every epoch and, if asked, every N steps.
+
+    ``--ckpt_path last`` resumes from it, so a killed run loses at most the steps since. A plain
+    callback rather than a ``ModelCheckpoint``: Lightning 2.6 writes ``ModelCheckpoint``'s
+    ``last.ckpt`` only when a best checkpoint is saved at the same step.
+    """
+
+    def __init__(self, every_n_train_steps: int = 0):
+        self.every_n_train_steps = every_n_train_steps
+
+    def _save(self, trainer) -> None:
+        best = trainer.checkpoint_callback
+        folder = Path(best.dirpath) if best is not None and best.dirpath else Path(trainer.default_root_dir)
+        trainer.save_checkpoint(folder / "last.ckpt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._save(trainer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from fishnet_pl.callbacks import PredictionWriter
 from fishnet_pl.module import FishNetModule
 
 
@@ -17,11 +18,23 @@ class FishNetCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The dataset knows its classes; the model never repeats them.
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_argument("--predict_dir", type=str | None, default=None,
+                            help="predict: folder for the prediction files (default <default_root_dir>/predictions)")
+
+    def before_predict(self) -> None:
+        # Not a model hyper-parameter: with --ckpt_path, LightningCLI takes those from the checkpoint.
+        self.trainer.callbacks.append(PredictionWriter(self.config[self.subcommand].predict_dir))
 
 
-def main(args: list[str] | None = None, run: bool = True) -> FishNetCLI:
+def build_cli(args: list[str] | None = None, run: bool = True) -> FishNetCLI:
+    """Parse ``args`` (default: the command line), build trainer, model and data, and run the subcommand."""
     return FishNetCLI(FishNetModule, L.LightningDataModule, subclass_mode_data=True, args=args, run=run,
                       save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+
+
+def main() -> None:
+    """Console script ``fishnet-pl``."""
+    build_cli()
 
 
 if __name__ == "__main__":

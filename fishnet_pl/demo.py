@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fishnet_pl.cli import main as cli
+from fishnet_pl.cli import build_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 TASKS = ("classification",)
@@ -17,7 +17,7 @@ TASKS = ("classification",)
 def run(task: str) -> dict[str, float]:
     """Fit the task's quickstart, then test its best checkpoint; returns the test metrics."""
     print(f"\n=== quickstart {task}: fishnet-pl fit --config configs/quickstart/{task}.yaml", flush=True)
-    result = cli(["fit", "--config", str(CONFIGS / f"{task}.yaml")])
+    result = build_cli(["fit", "--config", str(CONFIGS / f"{task}.yaml")])
     (metrics,) = result.trainer.test(result.model, datamodule=result.datamodule, ckpt_path="best")
     return metrics
 

@@ -6,14 +6,13 @@ import bisect
 import importlib
 import logging
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import nn
+from lightning.pytorch.callbacks import BasePredictionWriter
 
-from fishnet_pl.callbacks import PredictionWriter, RNGStateCheckpoint
+from fishnet_pl.callbacks import LastCheckpoint, PredictionWriter, RNGStateCheckpoint
 from fishnet_pl.models import create_backbone
 from fishnet_pl.models.weights import load_backbone_weights
 from fishnet_pl.tasks.base import TaskHead
@@ -46,7 +45,6 @@ class FishNetModule(L.LightningModule):
         milestones: epochs at which the "step" schedule multiplies the rate by ``gamma``.
         gamma: factor of the "step" schedule.
         warmup_epochs: linear warm-up length in epochs (fractions allowed).
-        predict_dir: where ``predict`` writes its files (default: ``<default_root_dir>/predictions``).
     """
 
     def __init__(
@@ -69,7 +67,6 @@ class FishNetModule(L.LightningModule):
         milestones: tuple[int, ...] = (30, 60, 90),
         gamma: float = 0.1,
         warmup_epochs: float = 0.0,
-        predict_dir: str | None = None,
     ):
         super().__init__()
         head = _as_head(head)
@@ -125,9 +122,11 @@ class FishNetModule(L.LightningModule):
             self.backbone.train()
             log.info("epoch %d: backbone unfrozen", self.current_epoch)
 
-    def on_fit_start(self) -> None:
-        has_sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
-        if has_sync_bn and self.device.type == "cpu":
+    def setup(self, stage: str) -> None:
+        # Runs before Lightning converts BatchNorm and wraps the model in DDP, where torch would fail
+        # with "SyncBatchNorm layers only work with GPU modules" and no hint what to change.
+        strategy = self.trainer.strategy
+        if getattr(strategy, "_layer_sync", None) is not None and strategy.root_device.type == "cpu":
             raise RuntimeError("sync_batchnorm=True needs GPUs (torch's SyncBatchNorm does not run on the CPU); "
                                "set --trainer.sync_batchnorm=false for CPU runs")
 
@@ -157,12 +156,16 @@ class FishNetModule(L.LightningModule):
         return per_device * t.world_size * t.accumulate_grad_batches
 
     def configure_callbacks(self) -> list[L.Callback]:
-        out = Path(self.hparams.predict_dir) if self.hparams.predict_dir else None
-        checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-            monitor=self.head.monitor, mode=self.head.monitor_mode, save_last=True,
+        best = L.pytorch.callbacks.ModelCheckpoint(
+            monitor=self.head.monitor, mode=self.head.monitor_mode,
             filename="epoch{epoch:03d}-" + self.head.monitor.replace("/", "_") + "={" + self.head.monitor + ":.4f}",
             auto_insert_metric_name=False)
-        return [checkpoint, RNGStateCheckpoint(), PredictionWriter(out)]
+        callbacks = [best, RNGStateCheckpoint()]
+        # Defaults the user may have configured differently on the trainer (same types would replace theirs).
+        for kind, default in ((LastCheckpoint, LastCheckpoint), (BasePredictionWriter, PredictionWriter)):
+            if not any(isinstance(c, kind) for c in self.trainer.callbacks):
+                callbacks.append(default())
+        return callbacks
 
 
 class LRFactor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,9 +16,9 @@ CONFIGS = ROOT / "configs"
 
 def run_cli(args: list[str]):
     """Run ``fishnet-pl`` in this process; returns the LightningCLI (trainer, model, datamodule)."""
-    from fishnet_pl.cli import main
+    from fishnet_pl.cli import build_cli
 
-    return main([str(a) for a in args])
+    return build_cli([str(a) for a in args])
 
 
 def run_cli_subprocess(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -32,3 +33,10 @@ def in_tmp(tmp_path, monkeypatch):
     """Run with a temporary working directory: the configs' relative data/ and runs/ land there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def csv_logger(save_dir) -> list[str]:
+    """CLI arguments replacing the config's loggers by one CSV logger writing (and checkpointing) in save_dir."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+              "init_args": {"save_dir": str(save_dir), "name": "", "version": ""}}
+    return ["--trainer.logger", json.dumps(logger)]

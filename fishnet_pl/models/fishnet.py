@@ -300,6 +300,11 @@ class FishNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if isinstance(getattr(self, "fc", None), nn.Conv2d):
+            # Their fan-out rule gives the classifier std sqrt(2 / num_classes): 0.045 at 1000 classes but
+            # 0.7 at 4, where training then starts from huge logits. A small classifier init suits both.
+            nn.init.normal_(self.fc.weight, 0.0, 0.01)
+            nn.init.zeros_(self.fc.bias)
 
     # ----------------------------------------------------------------- forward
     def _run(self, seq: nn.Module, x: torch.Tensor) -> torch.Tensor:

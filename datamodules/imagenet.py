@@ -1,0 +1,240 @@
+"""ImageNet classification data, in torchvision's folder layout or with the official flat validation set."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetError,
+    load_pipeline_state,
+    pipeline_state,
+    read_rgb,
+    require_dir,
+    seed_pipeline,
+    seed_worker,
+)
+from datamodules.quickstart import CLASSIFICATION_CLASSES, write_classification
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# AlexNet-style PCA lighting noise on [0, 1] RGB, the authors' augmentation (eigen-decomposition of ImageNet).
+PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
+PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
+class Lighting(A.ImageOnlyTransform):
+    """Adds ``eigvec @ (alpha * eigval)`` with ``alpha ~ N(0, alphastd)`` to every pixel (AlexNet's PCA noise)."""
+
+    def __init__(self, alphastd: float = 0.1, p: float = 1.0):
+        super().__init__(p=p)
+        self.alphastd = alphastd
+
+    def get_params(self):
+        return {"alpha": self.random_generator.normal(0, self.alphastd, 3)}
+
+    def apply(self, img, alpha=None, **params):
+        shift = PCA_EIGVEC @ (alpha * PCA_EIGVAL) * 255.0
+        return np.clip(img.astype(np.float32) + shift, 0, 255).astype(np.uint8)
+
+
+def train_transform(image_size: int) -> A.Compose:
+    return A.Compose([
+        A.RandomResizedCrop((image_size, image_size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+        A.HorizontalFlip(),
+        Lighting(0.1),
+        A.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ToTensorV2(),
+    ])
+
+
+def eval_transform(image_size: int, resize: int) -> A.Compose:
+    return A.Compose([A.SmallestMaxSize(resize), A.CenterCrop(image_size, image_size),
+                      A.Normalize(IMAGENET_MEAN, IMAGENET_STD), ToTensorV2()])
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class ImageDataset(Dataset):
+    """(path, label) pairs through an albumentations pipeline; ``label`` is -1 where unknown (predict).
+
+    With ``skip_unreadable``, an unreadable image is replaced by the next readable one and counted
+    in ``skipped`` (per process) with a warning naming it; otherwise the error names the file.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: A.Compose, skip_unreadable: bool = False):
+        self.samples, self.transform, self.skip_unreadable = samples, transform, skip_unreadable
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def reseed(self, seed: int) -> None:
+        seed_pipeline(self.transform, seed)
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = read_rgb(path)
+            except DatasetError as err:
+                if not self.skip_unreadable:
+                    raise
+                self.skipped.append(str(path))
+                log.warning("skipping unreadable image (%d so far in this process): %s", len(self.skipped), err)
+                continue
+            return {"image": self.transform(image=image)["image"], "label": label, "path": str(path)}
+        raise DatasetError(f"no readable image among the {len(self.samples)} of this dataset")
+
+
+class ImageNetDataModule(L.LightningDataModule):
+    """ImageNet-style classification data with the FishNet authors' augmentation.
+
+    Args:
+        root: dataset folder holding ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (torchvision's
+            layout), or ``val/*.JPEG`` flat with ``val_ground_truth``.
+        batch_size: images per device and step.
+        num_workers: data-loading processes per device.
+        image_size: training crop and evaluation center crop, in pixels.
+        val_resize: shorter side before the evaluation center crop.
+        val_ground_truth: for the official flat validation folder: a text file with one
+            ``<file name> <wnid>`` pair per line, or Kaggle's ``LOC_val_solution.csv``.
+        quickstart: if ``root`` holds no data, write the built-in quickstart dataset there first.
+        skip_unreadable: skip (and count) unreadable images instead of stopping with an error.
+        pin_memory: pin batches in page-locked memory for faster GPU copies.
+        predict_root: folder of images to predict (any layout, searched recursively); default: the val split.
+    """
+
+    def __init__(self, root: str, batch_size: int = 32, num_workers: int = 4, image_size: int = 224,
+                 val_resize: int = 256, val_ground_truth: str | None = None, quickstart: bool = False,
+                 skip_unreadable: bool = False, pin_memory: bool = True, predict_root: str | None = None):
+        super().__init__()
+        if image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 for FishNet, got {image_size}")
+        self.root, self.batch_size, self.num_workers = Path(root).absolute(), batch_size, num_workers
+        self.image_size, self.val_resize, self.val_ground_truth = image_size, val_resize, val_ground_truth
+        self.quickstart, self.skip_unreadable, self.pin_memory = quickstart, skip_unreadable, pin_memory
+        self.predict_root = predict_root
+        self.datasets: dict[str, ImageDataset] = {}
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted class folder names (wnids) of the training split; index = label."""
+        if self.quickstart and not (self.root / "train").is_dir():
+            return list(CLASSIFICATION_CLASSES)
+        train = require_dir(require_dir(self.root, "dataset root") / "train", "training split")
+        classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+        if not classes:
+            raise DatasetError(f"{train}: no class folders")
+        return classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def prepare_data(self) -> None:
+        if self.quickstart:
+            write_classification(self.root)
+
+    def setup(self, stage: str) -> None:
+        classes = self.classes
+        evaluate = eval_transform(self.image_size, self.val_resize)
+        if stage == "fit":
+            self.datasets["train"] = ImageDataset(self._folder_samples("train", classes),
+                                                  train_transform(self.image_size), self.skip_unreadable)
+            # Used as is with num_workers=0 (workers reseed their copy): seeded by the run, no RNG drawn.
+            self.datasets["train"].reseed(torch.initial_seed() % 2**32)
+        if stage in ("fit", "validate", "test"):
+            self.datasets["val"] = ImageDataset(self._val_samples(classes), evaluate, self.skip_unreadable)
+        if stage == "predict":
+            if self.predict_root:
+                folder = require_dir(self.predict_root, "predict_root")
+                paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+                samples = [(p, -1) for p in paths]
+            else:
+                samples = self._val_samples(classes)
+            self.datasets["predict"] = ImageDataset(samples, evaluate, self.skip_unreadable)
+
+    def _folder_samples(self, split: str, classes: list[str]) -> list[tuple[Path, int]]:
+        folder = require_dir(self.root / split, f"{split} split")
+        samples = []
+        for label, wnid in enumerate(classes):
+            class_dir = require_dir(folder / wnid, f"class folder of {wnid!r} in the {split} split")
+            images = list_images(class_dir)
+            if not images:
+                raise DatasetError(f"{class_dir}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} files)")
+            samples += [(p, label) for p in images]
+        return samples
+
+    def _val_samples(self, classes: list[str]) -> list[tuple[Path, int]]:
+        if not self.val_ground_truth:
+            return self._folder_samples("val", classes)
+        folder = require_dir(self.root / "val", "val split")
+        truth = read_ground_truth(Path(self.val_ground_truth))
+        index = {wnid: i for i, wnid in enumerate(classes)}
+        samples = []
+        for path in list_images(folder):
+            wnid = truth.get(path.stem)
+            if wnid is None:
+                raise DatasetError(f"{self.val_ground_truth}: no ground truth for {path.name}")
+            if wnid not in index:
+                raise DatasetError(f"{self.val_ground_truth}: class {wnid!r} of {path.name} is not a training class")
+            samples.append((path, index[wnid]))
+        if not samples:
+            raise DatasetError(f"{folder}: no images")
+        return samples
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"{split} data is not set up; call setup() with the matching stage first")
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+                          worker_init_fn=seed_worker,
+                          persistent_workers=False)  # fresh workers each epoch draw fresh seeds (exact resume)
+
+    def state_dict(self) -> dict:
+        """The main-process augmentation stream (used with num_workers=0), so resume continues it."""
+        return {"train_pipeline": pipeline_state(self.datasets["train"].transform)} if "train" in self.datasets else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "train_pipeline" in state_dict and "train" in self.datasets:
+            load_pipeline_state(self.datasets["train"].transform, state_dict["train_pipeline"])
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)
+
+
+def read_ground_truth(path: Path) -> dict[str, str]:
+    """Validation file stem -> wnid, from ``<name> <wnid>`` lines or Kaggle's ``LOC_val_solution.csv``."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: validation ground-truth file does not exist")
+    truth = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("ImageId,"):
+            continue
+        parts = line.replace(",", " ").split()
+        if len(parts) < 2 or not parts[1].startswith("n"):
+            raise DatasetError(f"{path}:{number}: expected '<file name> <wnid>', got {line!r}")
+        truth[Path(parts[0]).stem] = parts[1]
+    return truth
+

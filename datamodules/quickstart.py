@@ -1,0 +1,70 @@
+"""Quickstart classification data: a tiny dataset in the real ImageNet folder layout.
+
+Four classes of coloured shapes on noisy backgrounds, written as real JPEG files, so the quickstart
+runs the same loader as ImageNet itself. Deterministic: the same files on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Fake WordNet ids, one per shape; sorted order = label order.
+CLASSIFICATION_CLASSES = ("n00000001", "n00000002", "n00000003", "n00000004")
+_SHAPES = ("circle", "square", "triangle", "stripes")
+_IMAGES_PER_CLASS = {"train": 48, "val": 12}
+_SIZE = 72
+
+
+def write_classification(root: str | os.PathLike) -> Path:
+    """Write the quickstart dataset under ``root`` (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``).
+
+    Does nothing if ``root`` already holds it. Written to a temporary folder beside ``root`` and
+    renamed, so another process never sees half a dataset.
+    """
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    rng = np.random.default_rng(0)
+    for split, count in _IMAGES_PER_CLASS.items():
+        for wnid, shape in zip(CLASSIFICATION_CLASSES, _SHAPES):
+            folder = tmp / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(count):
+                _draw(shape, rng).save(folder / f"{wnid}_{i:04d}.JPEG", quality=90)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# Each class has its shape and its colour family, so even a small random crop carries the class.
+_COLOURS = {"circle": (230, 40, 40), "square": (40, 200, 40), "triangle": (40, 60, 230), "stripes": (230, 210, 30)}
+
+
+def _draw(shape: str, rng: np.random.Generator) -> Image.Image:
+    """One large shape of the class's colour (jittered) at a random size and position on grey noise."""
+    pixels = np.clip(rng.integers(60, 190) + rng.normal(0, 25, (_SIZE, _SIZE, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    colour = tuple(int(np.clip(c + rng.integers(-30, 30), 0, 255)) for c in _COLOURS[shape])
+    r = int(rng.integers(20, 30))
+    cx, cy = (int(c) for c in rng.integers(r + 2, _SIZE - r - 2, 2))
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    else:
+        for x in range(cx - r, cx + r, 8):
+            draw.rectangle([x, cy - r, x + 3, cy + r], fill=colour)
+    return image
