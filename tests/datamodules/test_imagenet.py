@@ -1,0 +1,137 @@
+"""ImageNet datamodule on small data written in the real on-disk layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.common import DatasetError
+from datamodules.imagenet import ImageNetDataModule
+from datamodules.quickstart import CLASSIFICATION_CLASSES, write_classification
+
+WNIDS = ("n01440764", "n01443537")
+
+
+def write_image(path, colour=(200, 30, 30), mode="RGB", fmt="JPEG", size=(40, 48)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).convert(mode).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def imagenet(tmp_path):
+    """Two classes, three training and two validation images each, in torchvision's layout."""
+    for label, wnid in enumerate(WNIDS):
+        for split, n in (("train", 3), ("val", 2)):
+            for i in range(n):
+                write_image(tmp_path / split / wnid / f"{wnid}_{i}.JPEG", colour=(255 * label, 80, 80))
+    return tmp_path
+
+
+def datamodule(root, **kwargs):
+    return ImageNetDataModule(str(root), **{"batch_size": 2, "num_workers": 0, "image_size": 32, "val_resize": 36,
+                                            **kwargs})
+
+
+def test_folder_layout_gives_normalised_batches_with_sorted_labels(imagenet):
+    dm = datamodule(imagenet)
+    assert dm.classes == list(WNIDS) and dm.num_classes == 2
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["label"].tolist() == [0, 0]
+    # Class 1 images are red: after ImageNet normalisation the red channel is well above zero.
+    red = next(b for b in dm.val_dataloader() if b["label"][0] == 1)["image"][:, 0]
+    assert red.mean() > 1.5
+
+
+def test_official_flat_validation_folder_with_ground_truth(imagenet, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flat")
+    (root / "train").symlink_to(imagenet / "train")
+    for i in range(3):
+        write_image(root / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    truth = root / "LOC_val_solution.csv"
+    truth.write_text("ImageId,PredictionString\n" + "".join(
+        f"ILSVRC2012_val_{i + 1:08d},{w} 1 2 3 4\n" for i, w in enumerate(("n01443537", "n01440764", "n01443537"))))
+    dm = datamodule(root, val_ground_truth=str(truth), batch_size=3)
+    dm.setup("validate")
+    assert next(iter(dm.val_dataloader()))["label"].tolist() == [1, 0, 1]
+
+
+def test_cmyk_grayscale_and_png_named_jpeg_all_load_as_rgb(imagenet):
+    wnid_dir = imagenet / "train" / WNIDS[0]
+    write_image(wnid_dir / "cmyk.JPEG", mode="CMYK")
+    write_image(wnid_dir / "gray.JPEG", mode="L")
+    write_image(wnid_dir / "png_inside.JPEG", fmt="PNG")
+    dm = datamodule(imagenet)
+    dm.setup("fit")
+    names = [p.name for p, _ in dm.datasets["train"].samples]
+    for name in ("cmyk.JPEG", "gray.JPEG", "png_inside.JPEG"):
+        assert dm.datasets["train"][names.index(name)]["image"].shape == (3, 32, 32)
+
+
+def test_truncated_image_error_names_the_file_even_from_a_worker(imagenet):
+    bad = imagenet / "val" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])
+    dm = datamodule(imagenet, num_workers=1)
+    dm.setup("validate")
+    with pytest.raises(Exception, match=f"{bad.name}: cannot be decoded"):
+        list(dm.val_dataloader())
+
+
+def test_skip_unreadable_counts_and_continues(imagenet):
+    bad = imagenet / "val" / WNIDS[0] / f"{WNIDS[0]}_1.JPEG"
+    bad.write_bytes(b"not an image")
+    dm = datamodule(imagenet, skip_unreadable=True, batch_size=4)
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    assert sum(len(b["label"]) for b in batches) == 4 and dm.datasets["val"].skipped == [str(bad)]
+
+
+def test_missing_root_and_empty_class_folder_are_named(imagenet, tmp_path_factory):
+    with pytest.raises(DatasetError, match="nowhere: dataset root directory does not exist"):
+        _ = datamodule(tmp_path_factory.mktemp("x") / "nowhere").num_classes
+    for image in (imagenet / "train" / WNIDS[1]).iterdir():
+        image.unlink()
+    with pytest.raises(DatasetError, match=f"{WNIDS[1]}: empty class folder"):
+        datamodule(imagenet).setup("fit")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        datamodule(imagenet, image_size=100)
+
+
+def test_two_workers_draw_different_augmentations_and_a_seed_repeats_them(tmp_path):
+    # Sixteen copies of one noise image: two equal crops would mean two workers shared a random stream.
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    for split in ("train", "val"):
+        for i in range(16):
+            (tmp_path / split / WNIDS[0]).mkdir(parents=True, exist_ok=True)
+            noise.save(tmp_path / split / WNIDS[0] / f"{i}.png")
+
+    def crops(seed):
+        torch.manual_seed(seed)
+        dm = datamodule(tmp_path, num_workers=2, batch_size=1)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader = torch.utils.data.DataLoader(loader.dataset, batch_size=1, num_workers=2,
+                                             worker_init_fn=loader.worker_init_fn)  # unshuffled: worker 0, 1, 0, ...
+        return [b["image"] for b in loader]
+
+    first = crops(1)
+    assert len({tuple(c.flatten()[:64].tolist()) for c in first}) == len(first)
+    assert all(torch.equal(a, b) for a, b in zip(first, crops(1)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, crops(2)))
+
+
+def test_quickstart_is_written_once_and_knows_its_classes_before(tmp_path):
+    dm = datamodule(tmp_path / "qs", quickstart=True)
+    assert dm.num_classes == len(CLASSIFICATION_CLASSES)  # before any file exists
+    dm.prepare_data()
+    files = sorted((tmp_path / "qs").rglob("*.JPEG"))
+    assert len(files) == 4 * 60 and dm.classes == list(CLASSIFICATION_CLASSES)
+    mtime = files[0].stat().st_mtime_ns
+    write_classification(tmp_path / "qs")
+    assert files[0].stat().st_mtime_ns == mtime
+    with Image.open(files[0]) as image:
+        assert image.format == "JPEG" and image.mode == "RGB"
