@@ -88,7 +88,7 @@ class LastCheckpoint(L.Callback):
     def _save(self, trainer) -> None:
         best = trainer.checkpoint_callback
         folder = Path(best.dirpath) if best is not None and best.dirpath else Path(trainer.default_root_dir)
-        trainer.save_checkpoint(folder / "last.ckpt")
+        trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)  # full state: resumable
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
