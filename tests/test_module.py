@@ -53,3 +53,31 @@ def test_unknown_backbone_or_head_is_one_clear_error():
         FishNetModule(backbone="fishnet15")
     with pytest.raises(ValueError, match="'os.path' is not a fishnet_pl TaskHead"):
         FishNetModule(head={"class_path": "os.path", "init_args": {}}, backbone="fishnet_tiny")
+
+
+def test_adamw_alternative_scales_its_default_lr_with_the_batch_too():
+    module = FishNetModule(backbone="fishnet_tiny", num_classes=3, optimizer="adamw", weight_decay=0.05)
+
+    class Trainer:
+        world_size, accumulate_grad_batches, estimated_stepping_batches = 1, 1, 10
+        num_training_batches, max_epochs = 10, 1
+        datamodule = type("DM", (), {"batch_size": 512})()
+
+    module.trainer = Trainer()
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(2e-3) and opt.param_groups[0]["weight_decay"] == 0.05
+
+
+@pytest.mark.parametrize("mix", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0},
+                                 {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}])
+def test_mixup_and_cutmix_train_on_mixed_images_and_labels(mix):
+    torch.manual_seed(0)
+    plain = FishNetModule(backbone="fishnet_tiny", num_classes=3).eval()  # eval: BN statistics stay fixed
+    mixed = FishNetModule(head=ClassificationHead(**mix), backbone="fishnet_tiny", num_classes=3).eval()
+    mixed.load_state_dict(plain.state_dict())
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])}
+    loss, _ = mixed.head.training_step(mixed.backbone, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and mixed.backbone.fc.weight.grad is not None
+    assert loss.item() != pytest.approx(plain.head.training_step(plain.backbone, batch)[0].item())
