@@ -1,0 +1,300 @@
+"""Cityscapes semantic segmentation in the official layout, with the 19 training classes.
+
+Images are ``leftImg8bit/<split>/<city>/<name>_leftImg8bit.png``; their fine labels are
+``gtFine/<split>/<city>/<name>_gtFine_labelIds.png`` (the ``_color``, ``_instanceIds`` and
+``_polygons.json`` files beside them are not read). Label ids 0..33 become train ids 0..18 through
+the cityscapesscripts table below, every other class becomes 255, the ignore index.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetError,
+    load_pipeline_state,
+    pipeline_state,
+    read_label_png,
+    read_rgb,
+    require_dir,
+    seed_pipeline,
+    seed_worker,
+)
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelIds.png"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+# cityscapesscripts' helpers/labels.py: (name, label id, train id, colour) for label ids 0..33.
+# ('license plate', id -1, is never written to the labelIds files: plates keep the car's id.)
+LABELS = (
+    ("unlabeled", 0, 255, (0, 0, 0)),
+    ("ego vehicle", 1, 255, (0, 0, 0)),
+    ("rectification border", 2, 255, (0, 0, 0)),
+    ("out of roi", 3, 255, (0, 0, 0)),
+    ("static", 4, 255, (0, 0, 0)),
+    ("dynamic", 5, 255, (111, 74, 0)),
+    ("ground", 6, 255, (81, 0, 81)),
+    ("road", 7, 0, (128, 64, 128)),
+    ("sidewalk", 8, 1, (244, 35, 232)),
+    ("parking", 9, 255, (250, 170, 160)),
+    ("rail track", 10, 255, (230, 150, 140)),
+    ("building", 11, 2, (70, 70, 70)),
+    ("wall", 12, 3, (102, 102, 156)),
+    ("fence", 13, 4, (190, 153, 153)),
+    ("guard rail", 14, 255, (180, 165, 180)),
+    ("bridge", 15, 255, (150, 100, 100)),
+    ("tunnel", 16, 255, (150, 120, 90)),
+    ("pole", 17, 5, (153, 153, 153)),
+    ("polegroup", 18, 255, (153, 153, 153)),
+    ("traffic light", 19, 6, (250, 170, 30)),
+    ("traffic sign", 20, 7, (220, 220, 0)),
+    ("vegetation", 21, 8, (107, 142, 35)),
+    ("terrain", 22, 9, (152, 251, 152)),
+    ("sky", 23, 10, (70, 130, 180)),
+    ("person", 24, 11, (220, 20, 60)),
+    ("rider", 25, 12, (255, 0, 0)),
+    ("car", 26, 13, (0, 0, 142)),
+    ("truck", 27, 14, (0, 0, 70)),
+    ("bus", 28, 15, (0, 60, 100)),
+    ("caravan", 29, 255, (0, 0, 90)),
+    ("trailer", 30, 255, (0, 0, 110)),
+    ("train", 31, 16, (0, 80, 100)),
+    ("motorcycle", 32, 17, (0, 0, 230)),
+    ("bicycle", 33, 18, (119, 11, 32)),
+)
+assert [label_id for _, label_id, _, _ in LABELS] == list(range(34))  # row = label id, for the lookup table
+
+# Index a labelIds array with it to get train ids (uint8: cv2 resizes it, ToTensorV2 keeps it compact).
+LABEL_ID_TO_TRAIN_ID = np.array([train_id for _, _, train_id, _ in LABELS], dtype=np.uint8)
+_TRAIN_LABELS = sorted((train_id, name, colour) for name, _, train_id, colour in LABELS if train_id != IGNORE_INDEX)
+CLASS_NAMES = tuple(name for _, name, _ in _TRAIN_LABELS)  # index = train id
+PALETTE = tuple(colour for _, _, colour in _TRAIN_LABELS)  # RGB per train id, the official colour coding
+
+
+def read_train_ids(path: str | os.PathLike) -> np.ndarray:
+    """Decode a ``*_gtFine_labelIds.png`` as uint8 ``[H, W]`` train ids (0..18, 255 = ignore)."""
+    ids = read_label_png(path)
+    outside = (ids < 0) | (ids >= len(LABELS))
+    if outside.any():
+        shown = np.unique(ids[outside])[:5].tolist()
+        raise DatasetError(f"{path}: label ids {shown} outside 0..{len(LABELS) - 1}; expected the official "
+                           f"*{LABEL_SUFFIX} (not the trainIds, instanceIds or color images)")
+    return LABEL_ID_TO_TRAIN_ID[ids]
+
+
+def train_transform(crop_size: tuple[int, int], scale_range: tuple[float, float], flip_prob: float,
+                    color_jitter: float) -> A.Compose:
+    """Scale, pad, crop and flip image and mask together (mask: nearest, padded with 255); jitter the image."""
+    height, width = crop_size
+    low, high = scale_range
+    photometric = [A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0,
+                                 p=1.0)] if color_jitter else []
+    return A.Compose([
+        A.RandomScale(scale_limit=(low - 1, high - 1), p=1.0),
+        A.PadIfNeeded(height, width, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
+        A.RandomCrop(height, width),
+        A.HorizontalFlip(p=flip_prob),
+        *photometric,
+        A.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ToTensorV2(),
+    ])
+
+
+def eval_transform(scale: float) -> A.Compose:
+    """Optional resize by ``scale`` (mask: nearest), normalise; no crop or padding (the head pads itself)."""
+    # RandomScale with a one-point range is a deterministic resize by a factor (A.Resize wants a size).
+    resize = [A.RandomScale(scale_limit=(scale - 1, scale - 1), p=1.0)] if scale != 1 else []
+    return A.Compose([*resize, A.Normalize(IMAGENET_MEAN, IMAGENET_STD), ToTensorV2()])
+
+
+def find_samples(root: Path, split: str, with_labels: bool = True) -> list[tuple[Path, Path | None]]:
+    """(image, labelIds file) pairs of a split, sorted; every label file must exist (contents are checked on load)."""
+    images_dir = require_dir(require_dir(root, "dataset root") / "leftImg8bit", "leftImg8bit images")
+    images_dir = require_dir(images_dir / split, f"{split} split images")
+    images = sorted(images_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+    if not images:
+        raise DatasetError(f"{images_dir}: no <city>/*{IMAGE_SUFFIX} images")
+    if not with_labels:
+        return [(path, None) for path in images]
+    labels_dir = require_dir(require_dir(root / "gtFine", "gtFine labels") / split, f"{split} split labels")
+    samples = [(path, labels_dir / path.parent.name / (path.name[:-len(IMAGE_SUFFIX)] + LABEL_SUFFIX))
+               for path in images]
+    missing = [(image, label) for image, label in samples if not label.is_file()]
+    if missing:
+        image, label = missing[0]
+        more = f" (and {len(missing) - 1} more images without labels)" if len(missing) > 1 else ""
+        raise DatasetError(f"{label}: label file of {image.name} does not exist{more}")
+    return samples
+
+
+class CityscapesDataset(Dataset):
+    """(image, labelIds file) pairs through an albumentations pipeline; without a label file, no ``mask``."""
+
+    def __init__(self, samples: list[tuple[Path, Path | None]], transform: A.Compose):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def reseed(self, seed: int) -> None:
+        seed_pipeline(self.transform, seed)
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, label_path = self.samples[index]
+        image = read_rgb(image_path)
+        if label_path is None:
+            return {"image": self.transform(image=image)["image"], "path": str(image_path)}
+        mask = read_train_ids(label_path)
+        if mask.shape != image.shape[:2]:
+            raise DatasetError(f"{label_path}: label is {mask.shape[0]}x{mask.shape[1]} (height x width), its "
+                               f"image {image_path.name} is {image.shape[0]}x{image.shape[1]}")
+        out = self.transform(image=image, mask=mask)
+        return {"image": out["image"], "mask": out["mask"].long(), "path": str(image_path)}
+
+
+class CityscapesDataModule(L.LightningDataModule):
+    """Cityscapes fine annotations in the official layout, 19 classes, with the usual segmentation augmentation.
+
+    Batches are ``{"image": float32 [B, 3, H, W] (ImageNet-normalised), "mask": int64 [B, H, W]
+    (train ids 0..18, 255 = ignore), "path": [str]}``; predict batches have no ``mask``. Training
+    images are randomly scaled, padded (image 0, mask 255) to the crop if smaller, cropped to
+    ``crop_size``, flipped and colour-jittered. Evaluation images keep their full size (or are resized
+    by ``eval_scale``), neither cropped nor padded, so all images of one evaluation batch must have
+    the same size (all Cityscapes images are 1024x2048).
+
+    Args:
+        root: dataset folder holding ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and
+            ``gtFine/<split>/<city>/*_gtFine_labelIds.png``.
+        batch_size: training crops per device and step.
+        num_workers: data-loading processes per device.
+        crop_size: training crop (height, width) in pixels.
+        scale_range: training scale jitter (low, high), relative to the image's own size.
+        flip_prob: probability of a horizontal flip in training.
+        color_jitter: brightness, contrast and saturation jitter in training (a factor in
+            1 +- color_jitter); 0 disables it.
+        eval_scale: resize factor of validation, test and predict images (and labels, nearest);
+            1.0 keeps the full 1024x2048 resolution.
+        val_batch_size: images per device and step in validation, test and predict.
+        test_split: split evaluated by ``test``; the official test labels are withheld (its
+            label files are placeholders), hence ``val`` by default.
+        quickstart: write the built-in quickstart dataset (official layout) into ``root`` first, if
+            ``root`` does not hold it.
+        predict_root: folder of ``.png``/``.jpg`` images to predict (searched recursively); default:
+            the images of the ``test`` split.
+        pin_memory: pin batches in page-locked memory for faster GPU copies.
+    """
+
+    def __init__(self, root: str, batch_size: int = 2, num_workers: int = 4,
+                 crop_size: tuple[int, int] = (512, 1024), scale_range: tuple[float, float] = (0.5, 2.0),
+                 flip_prob: float = 0.5, color_jitter: float = 0.2, eval_scale: float = 1.0, val_batch_size: int = 1,
+                 test_split: str = "val", quickstart: bool = False, predict_root: str | None = None,
+                 pin_memory: bool = True):
+        super().__init__()
+        if batch_size < 1 or val_batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size and val_batch_size must be >= 1 and num_workers >= 0, got {batch_size}, "
+                             f"{val_batch_size} and {num_workers}")
+        if len(crop_size) != 2 or min(crop_size) < 1:
+            raise ValueError(f"crop_size must be (height, width) in pixels, got {crop_size}")
+        if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+        if not 0 <= flip_prob <= 1:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        if not 0 <= color_jitter <= 1:
+            raise ValueError(f"color_jitter must be in [0, 1], got {color_jitter}")
+        if eval_scale <= 0:
+            raise ValueError(f"eval_scale must be > 0, got {eval_scale}")
+        self.root, self.batch_size, self.num_workers = Path(root).absolute(), batch_size, num_workers
+        self.crop_size, self.scale_range = tuple(crop_size), tuple(scale_range)
+        self.flip_prob, self.color_jitter, self.eval_scale = flip_prob, color_jitter, eval_scale
+        self.val_batch_size, self.test_split, self.quickstart = val_batch_size, test_split, quickstart
+        self.predict_root, self.pin_memory = predict_root, pin_memory
+        self.datasets: dict[str, CityscapesDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """19 train ids; known before any file is read (the CLI links it to the model)."""
+        return len(CLASS_NAMES)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names; index = train id."""
+        return list(CLASS_NAMES)
+
+    @property
+    def palette(self) -> list[tuple[int, int, int]]:
+        """RGB colour of each train id (the official colour coding), for predicted masks."""
+        return list(PALETTE)
+
+    def prepare_data(self) -> None:
+        if self.quickstart:
+            # Imported here: the writer uses this module's label table.
+            from datamodules.quickstart_segmentation import write_cityscapes
+
+            write_cityscapes(self.root)
+
+    def setup(self, stage: str) -> None:
+        self.prepare_data()  # quickstart without prepare_data (e.g. a bare setup); atomic and idempotent
+        evaluate = eval_transform(self.eval_scale)
+        if stage == "fit":
+            samples = find_samples(self.root, "train")
+            if len(samples) < self.batch_size:
+                raise DatasetError(f"{self.root / 'leftImg8bit' / 'train'}: {len(samples)} images, fewer than one "
+                                   f"batch of {self.batch_size}")
+            transform = train_transform(self.crop_size, self.scale_range, self.flip_prob, self.color_jitter)
+            self.datasets["train"] = CityscapesDataset(samples, transform)
+            # Used as is with num_workers=0 (workers reseed their copy): seeded by the run, no RNG drawn.
+            self.datasets["train"].reseed(torch.initial_seed() % 2**32)
+        if stage in ("fit", "validate"):
+            self.datasets["val"] = CityscapesDataset(find_samples(self.root, "val"), evaluate)
+        if stage == "test":
+            self.datasets["test"] = CityscapesDataset(find_samples(self.root, self.test_split), evaluate)
+        if stage == "predict":
+            if self.predict_root:
+                folder = require_dir(self.predict_root, "predict_root")
+                samples = [(p, None) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+                if not samples:
+                    raise DatasetError(f"{folder}: no {'/'.join(IMAGE_EXTENSIONS)} images")
+            else:
+                samples = find_samples(self.root, "test", with_labels=False)
+            self.datasets["predict"] = CityscapesDataset(samples, evaluate)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"{split} data is not set up; call setup() with the matching stage first")
+        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+                          worker_init_fn=seed_worker,
+                          persistent_workers=False)  # fresh workers each epoch draw fresh seeds (exact resume)
+
+    def state_dict(self) -> dict:
+        """The main-process augmentation stream (used with num_workers=0), so resume continues it."""
+        return {"train_pipeline": pipeline_state(self.datasets["train"].transform)} if "train" in self.datasets else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "train_pipeline" in state_dict and "train" in self.datasets:
+            load_pipeline_state(self.datasets["train"].transform, state_dict["train_pipeline"])
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.val_batch_size)
