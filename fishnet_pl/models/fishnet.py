@@ -375,6 +375,14 @@ FISHNET_TINY = FishNetConfig(stem_planes=32, tail_planes=(64, 128, 256), body_pl
                              head_transfer_blocks=(1, 1, 1))
 
 
+# Every registered variant's config by name (what the smp encoders are built from).
+VARIANT_CONFIGS = {
+    "fishnet99": FISHNET99, "fishnet150": FISHNET150, "fishnet201": FISHNET201, "fishnet_tiny": FISHNET_TINY,
+    **{f"fishnext{depth}_32x4d": replace(cfg, groups=32, width_per_group=4)
+       for depth, cfg in ((99, FISHNET99), (150, FISHNET150), (201, FISHNET201))},
+}
+
+
 def _build(cfg: FishNetConfig, groups: int | None = None, width_per_group: int | None = None, **kwargs) -> FishNet:
     if groups is not None or width_per_group is not None:
         cfg = replace(cfg, groups=groups or cfg.groups, width_per_group=width_per_group or cfg.width_per_group)
