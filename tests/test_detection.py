@@ -1,0 +1,172 @@
+"""Detection and instance segmentation: Faster / Mask R-CNN with FPN on FishNet, COCO evaluation,
+and the quickstart through the CLI (fit, validate on 1 and 2 processes, predict)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from datamodules.coco import COCODataModule
+from fishnet_pl import DetectionHead, FishNetModule
+from fishnet_pl.tasks.detection import FishNetFPN, coco_evaluate, write_coco_results
+
+from .conftest import CONFIGS, csv_logger, run_cli, run_cli_subprocess
+
+QUICKSTART = CONFIGS / "quickstart" / "detection.yaml"
+SMALL_HEAD = {"fpn_channels": 32, "anchor_sizes": (16, 32, 64, 128, 256), "min_size": 128, "max_size": 192,
+              "representation_size": 64, "mask_head_channels": 16, "box_batch_size_per_image": 32}
+
+
+def small_detector(detector: str) -> FishNetModule:
+    return FishNetModule(head=DetectionHead(detector, **SMALL_HEAD), backbone="fishnet_tiny", num_classes=3)
+
+
+def toy_batch() -> dict:
+    masks = torch.zeros(2, 96, 128, dtype=torch.uint8)
+    masks[0, 10:50, 20:70] = 1
+    masks[1, 40:90, 60:120] = 1
+    target = {"boxes": torch.tensor([[20.0, 10, 70, 50], [60, 40, 120, 90]]), "labels": torch.tensor([1, 3]),
+              "masks": masks, "image_id": torch.tensor(5), "iscrowd": torch.zeros(2, dtype=torch.int64),
+              "area": torch.tensor([2000.0, 3000.0])}
+    return {"images": [torch.rand(3, 96, 128)], "targets": [target], "paths": ["a.jpg"]}
+
+
+def test_fpn_feeds_fishnet_maps_at_strides_4_to_64_without_a_second_copy_of_the_backbone():
+    model = small_detector("maskrcnn")
+    fpn = model.head.model.backbone
+    assert isinstance(fpn, FishNetFPN) and fpn.body is model.backbone
+    # Every backbone weight is in the state dict once, under backbone.; the FPN holds only its own.
+    keys = list(model.state_dict())
+    assert not [k for k in keys if k.startswith("head.") and ".body." in k]
+    assert sum(p.numel() for p in model.parameters()) == (
+        sum(p.numel() for p in model.backbone.parameters()) + sum(p.numel() for p in model.head.parameters()))
+    maps = fpn(torch.randn(1, 3, 128, 192))
+    assert list(maps) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(m.shape[-2:]) for m in maps.values()] == [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]
+    assert all(m.shape[1] == fpn.out_channels == 32 for m in maps.values())
+
+
+@pytest.mark.parametrize("detector", ["fasterrcnn", "maskrcnn"])
+def test_train_step_gives_every_loss_and_eval_gives_torchvision_detections(detector):
+    model = small_detector(detector)
+    loss, logs = model.head.training_step(model.backbone, toy_batch())
+    expected = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert expected | ({"loss_mask"} if detector == "maskrcnn" else set()) <= set(logs)
+    loss.backward()
+    assert model.backbone.stem.conv1[0].weight.grad is not None  # the backbone trains through the FPN
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 96, 128)])
+    assert {"boxes", "labels", "scores"} <= set(out) and ("masks" in out) == (detector == "maskrcnn")
+
+
+def test_mask_rcnn_refuses_targets_without_masks():
+    batch = toy_batch()
+    del batch["targets"][0]["masks"]
+    model = small_detector("maskrcnn")
+    with pytest.raises(ValueError, match="with_masks"):
+        model.head.training_step(model.backbone, batch)
+
+
+def test_frozen_stages_and_frozen_batchnorm_reach_the_detection_backbone():
+    model = FishNetModule(head=DetectionHead(**SMALL_HEAD), backbone="fishnet_tiny", num_classes=3,
+                          frozen_stages=2, freeze_bn=True).train()
+    assert not any(p.requires_grad for p in model.backbone.stem.parameters())
+    assert all(not m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def _evaluate_file(annotation_file: Path, results_file: Path, iou_type: str) -> list[float]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotation_file))
+        evaluator = COCOeval(gt, gt.loadRes(str(results_file)), iou_type)
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    return list(evaluator.stats[:6])
+
+
+def test_evaluation_matches_pycocotools_on_the_annotation_file_and_writes_a_loadres_results_file(tmp_path):
+    """Perfect detections, passed through the head's evaluation records, score AP 1 (crowds ignored,
+    labels mapped back to COCO's non-contiguous ids), exactly as pycocotools scores the written file
+    against the original annotation file."""
+    dm = COCODataModule(tmp_path / "coco", quickstart=True, num_workers=0)
+    dm.prepare_data()
+    dm.setup("validate")
+    head = DetectionHead(**SMALL_HEAD)
+    head.build(FishNetModule(head=DetectionHead(**SMALL_HEAD), backbone="fishnet_tiny", num_classes=3).backbone, 3)
+    records = []
+    for batch in dm.val_dataloader():
+        for image, target in zip(batch["images"], batch["targets"]):
+            keep = target["iscrowd"] == 0
+            output = {"boxes": target["boxes"][keep], "labels": target["labels"][keep],
+                      "scores": torch.linspace(0.9, 0.5, int(keep.sum())),
+                      "masks": target["masks"][keep][:, None].float()}
+            records.append(head._record(image.shape[-2:], target, output))
+    assert any(r["gt_iscrowd"].any() for r in records), "the quickstart val split has a crowd region"
+    results = tmp_path / "results.json"
+    write_coco_results(records, results, dm.label_to_category_id)
+    assert {d["category_id"] for d in json.loads(results.read_text())} <= {1, 3, 7}
+    for iou_type in ("bbox", "segm"):
+        ours = coco_evaluate(records, iou_type, dm.num_classes)
+        theirs = _evaluate_file(Path(dm.val_annotation_file), results, iou_type)
+        assert ours[0] == pytest.approx(1.0) and ours == pytest.approx(theirs, abs=1e-9), iou_type
+
+
+# ---------------------------------------------------------------------- quickstart through the CLI
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The README's detection quickstart, fitted once for this module: (cli, working directory)."""
+    cwd = tmp_path_factory.mktemp("detection")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        cli = run_cli(["fit", "--config", QUICKSTART, "--trainer.enable_progress_bar", "false"])
+    return cli, cwd
+
+
+def test_quickstart_reaches_a_box_and_mask_ap_well_above_zero(quickstart):
+    cli, cwd = quickstart
+    metrics = cli.trainer.callback_metrics
+    # From scratch in 12 short epochs the quickstart reaches about 0.3 (box and mask); chance is 0.
+    assert metrics["val/bbox_ap"] > 0.15 and metrics["val/segm_ap"] > 0.15, dict(metrics)
+    run_dir = cwd / "runs" / "quickstart" / "detection"
+    assert any(p.name.startswith("epoch") and "val_bbox_ap=" in p.name for p in (run_dir / "checkpoints").iterdir())
+    results = run_dir / "val_detections.json"
+    stats = _evaluate_file(Path(cli.datamodule.val_annotation_file), results, "bbox")
+    assert stats[0] == pytest.approx(metrics["val/bbox_ap"].item(), abs=1e-3)
+
+
+def test_validation_on_two_processes_counts_each_image_once(quickstart):
+    _, cwd = quickstart
+    ckpt = cwd / "runs" / "quickstart" / "detection" / "checkpoints" / "last.ckpt"
+    args = ["validate", "--config", QUICKSTART, "--ckpt_path", ckpt, "--trainer.enable_progress_bar", "false",
+            "--data.init_args.batch_size", "3"]  # 10 val images: the sampler pads rank 1 with a repeat
+    aps = []
+    for devices in ("1", "2"):
+        result = run_cli_subprocess([*args, "--trainer.devices", devices, "--trainer.strategy", "ddp",
+                                     *csv_logger(f"validate{devices}")], cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(cwd / f"validate{devices}" / "metrics.csv") as f:
+            row = next(csv.DictReader(f))
+        aps.append((float(row["val/bbox_ap"]), float(row["val/segm_ap"])))
+    assert aps[0] == pytest.approx(aps[1], abs=1e-9) and aps[0][0] > 0
+
+
+def test_predict_draws_detections_and_writes_them_as_json(quickstart, tmp_path):
+    _, cwd = quickstart
+    ckpt = cwd / "runs" / "quickstart" / "detection" / "checkpoints" / "last.ckpt"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        run_cli(["predict", "--config", QUICKSTART, "--ckpt_path", ckpt, "--predict_dir", tmp_path,
+                 "--trainer.enable_progress_bar", "false"])
+    lines = [json.loads(line) for line in (tmp_path / "detections.jsonl").read_text().splitlines()]
+    assert len(lines) == 10  # the val split
+    assert all((tmp_path / line["drawn"]).is_file() for line in lines)
+    detections = [d for line in lines for d in line["detections"]]
+    assert detections and {d["name"] for d in detections} <= {"circle", "square", "triangle"}
+    assert all({"bbox", "score", "category_id", "segmentation"} <= set(d) for d in detections)
