@@ -137,17 +137,19 @@ def test_quickstart_reaches_a_box_and_mask_ap_well_above_zero(quickstart):
     run_dir = cwd / "runs" / "quickstart" / "detection"
     assert any(p.name.startswith("epoch") and "val_bbox_ap=" in p.name for p in (run_dir / "checkpoints").iterdir())
     results = run_dir / "val_detections.json"
-    stats = _evaluate_file(Path(cli.datamodule.val_annotation_file), results, "bbox")
+    stats = _evaluate_file(cwd / cli.datamodule.val_annotation_file, results, "bbox")  # root may be relative
     assert stats[0] == pytest.approx(metrics["val/bbox_ap"].item(), abs=1e-3)
 
 
-def test_validation_on_two_processes_counts_each_image_once(quickstart):
+def test_validation_on_several_processes_counts_each_image_once(quickstart):
     _, cwd = quickstart
     ckpt = cwd / "runs" / "quickstart" / "detection" / "checkpoints" / "last.ckpt"
+    # 10 val images on 3 processes: the distributed sampler repeats 2 to give each 4. One image per
+    # batch, since torchvision pads a batch to its largest image, which moves the detections slightly.
     args = ["validate", "--config", QUICKSTART, "--ckpt_path", ckpt, "--trainer.enable_progress_bar", "false",
-            "--data.init_args.batch_size", "3"]  # 10 val images: the sampler pads rank 1 with a repeat
+            "--data.init_args.batch_size", "1"]
     aps = []
-    for devices in ("1", "2"):
+    for devices in ("1", "3"):
         result = run_cli_subprocess([*args, "--trainer.devices", devices, "--trainer.strategy", "ddp",
                                      *csv_logger(f"validate{devices}")], cwd=cwd)
         assert result.returncode == 0, result.stderr[-3000:]

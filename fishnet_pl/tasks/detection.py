@@ -239,6 +239,7 @@ class DetectionHead(TaskHead):
 
     def evaluation_epoch_end(self, stage: str, trainer: Any) -> dict[str, torch.Tensor]:
         records = _gather_on_rank_zero(self._evaluated.pop(stage, []))
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         metrics: dict[str, float] = {}
         if trainer.is_global_zero and records:
             images = list({r["image_id"]: r for r in reversed(records)}.values())  # DDP repeats: each image once
@@ -248,7 +249,7 @@ class DetectionHead(TaskHead):
                 stats = coco_evaluate(images, iou_type, self.num_classes)
                 metrics.update({f"{stage}/{iou_type}_{name}": value for name, value in zip(COCO_METRICS, stats)})
             if not trainer.sanity_checking:
-                path = Path(trainer.log_dir or trainer.default_root_dir) / f"{stage}_detections.json"
+                path = log_dir / f"{stage}_detections.json"
                 write_coco_results(images, path, getattr(trainer.datamodule, "label_to_category_id", None))
                 log.info("%s detections of %d images written to %s", stage, len(images), path)
         metrics = trainer.strategy.broadcast(metrics, src=0)
