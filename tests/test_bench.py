@@ -1,0 +1,87 @@
+"""The benchmarks run end to end on tiny settings, write what they print, and count multiply-adds right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from bench import backbones, data
+
+# One thread: steadier on a shared machine, where 2-thread ops stall whenever a thread is descheduled.
+TINY = ["--device", "cpu", "--threads", "1", "--batch-size", "2", "--image-size", "64", "--steps", "1", "--warmup", "1"]
+
+
+def test_backbone_bench_writes_throughput_ratios_memory_and_machine(tmp_path, capsys):
+    path = tmp_path / "backbones.json"
+    threads = torch.get_num_threads()
+    payload = backbones.main(["--models", "fishnet_tiny,resnet50", "--modes", "eager,channels_last", *TINY,
+                              "--json", str(path)])
+    assert torch.get_num_threads() == threads  # --threads holds for the run only
+
+    saved = json.loads(path.read_text())
+    assert saved == json.loads(json.dumps(payload))
+    assert {"cpu", "cores", "torch", "torchvision", "device"} <= saved["machine"].keys()
+    assert saved["machine"]["torch_threads"] == 1
+    assert saved["settings"]["batch_size"] == 2 and saved["settings"]["image_size"] == 64
+    assert "profiler" in saved["settings"]["peak_memory"]  # says what "peak memory" means on CPU
+    rows = {(row["model"], row["mode"]): row for row in saved["results"]}
+    assert rows.keys() == {(m, mode) for m in ("fishnet_tiny", "resnet50") for mode in ("eager", "channels_last")}
+    for row in rows.values():
+        for part in ("train", "infer"):
+            result = row[part]
+            assert result["images_per_s"] > 0 and result["peak_memory_mb"] > 0, (row["model"], row["mode"], part)
+            assert result["vs_baseline"] > 0 and result["macs_per_s_vs_baseline"] > 0
+    assert rows["resnet50", "eager"]["train"]["vs_baseline"] == 1.0
+    # Activations of a training step outweigh those of an inference forward.
+    assert rows["resnet50", "eager"]["train"]["peak_memory_mb"] > rows["resnet50", "eager"]["infer"]["peak_memory_mb"]
+    assert saved["flops"]["fishnet_tiny"]["gmacs_224"] > saved["flops"]["fishnet_tiny"]["gmacs_bench"] > 0
+
+    printed = capsys.readouterr().out
+    assert "| fishnet_tiny | channels_last |" in printed and "| resnet50 | 25.56 | 4.09 | 4.10 | -0.3% |" in printed
+
+
+def test_a_failing_model_is_reported_in_its_row_and_the_run_goes_on(tmp_path, capsys):
+    # 48 is no multiple of FishNet's output stride: FishNet raises, ResNet-18 runs.
+    payload = backbones.main(["--models", "fishnet_tiny", "--baseline", "resnet18", "--modes", "eager",
+                              *TINY, "--image-size", "48", "--json", str(tmp_path / "b.json")])
+    rows = {row["model"]: row for row in payload["results"]}
+    assert rows["fishnet_tiny"]["train"]["error"].startswith("failed: ValueError: FishNet (output stride 32)")
+    assert rows["resnet18"]["train"]["images_per_s"] > 0 and rows["resnet18"]["infer"]["images_per_s"] > 0
+    assert "| fishnet_tiny | eager | failed: ValueError" in capsys.readouterr().out
+
+
+def test_unknown_model_or_mode_stops_before_measuring_and_names_the_close_match(capsys):
+    with pytest.raises(SystemExit):
+        backbones.main(["--models", "fishnet105"])
+    assert "fishnet150" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        backbones.main(["--modes", "fp16"])
+    assert "eager, channels_last, bf16, compile" in capsys.readouterr().err
+
+
+def test_mac_counter_agrees_with_torchvision_and_the_fishnet_paper():
+    # torchvision documents ResNet-50 at 4.089 GFLOPS, meaning multiply-adds, as the counter's FLOPs / 2.
+    resnet50 = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["_ops"]
+    assert backbones.count_macs("resnet50") / 1e9 == pytest.approx(resnet50, rel=0.001)
+    # The paper's 6.45G for FishNet-150 counts a little more than convolutions; within 3%.
+    assert backbones.count_macs("fishnet150") / 1e9 == pytest.approx(backbones.PUBLISHED_GMACS["fishnet150"], rel=0.03)
+
+
+def test_data_bench_times_a_training_pipeline_on_quickstart_data(tmp_path, capsys):
+    payload = data.main(["--datamodules", "imagenet", "--seconds", "0.2", "--json", str(tmp_path / "data.json")])
+    result = payload["results"]["imagenet"]
+    assert result["images_per_s"] > 0 and result["decode_images_per_s"] > 0 and result["decode_share"] > 0
+    assert result["output_shape"] == "3x224x224" and result["train_images"] > 0
+    assert json.loads((tmp_path / "data.json").read_text())["results"]["imagenet"] == json.loads(json.dumps(result))
+    assert "| imagenet |" in capsys.readouterr().out
+
+
+def test_data_bench_skips_a_datamodule_that_is_not_importable_with_a_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(data.DATAMODULES, "missing", ("datamodules.not_written_yet", "MissingDataModule", list))
+    payload = data.main(["--datamodules", "missing", "--json", str(tmp_path / "data.json")])
+    assert "not importable" in payload["results"]["missing"]["skipped"]
+    captured = capsys.readouterr()
+    assert "note: skipping missing" in captured.err and "| missing | skipped: not importable" in captured.out
