@@ -1,6 +1,9 @@
 """``make demo``: the quickstart runs on built-in data, each the same command a user would type.
 
-    python -m fishnet_pl.demo [classification ...]
+    python -m fishnet_pl.demo [classification|segmentation|detection ...]
+
+The segmentation quickstart fine-tunes the classification quickstart's checkpoint, so that one
+runs first when its checkpoint is missing.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from pathlib import Path
 from fishnet_pl.cli import build_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
-TASKS = ("classification",)
+TASKS = ("classification", "segmentation", "detection")
+CLASSIFICATION_CKPT = Path("runs/quickstart/classification/checkpoints/last.ckpt")
 
 
 def run(task: str) -> dict[str, float]:
@@ -27,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise SystemExit(f"unknown demo task(s) {sorted(unknown)}; choose from {TASKS}")
+    if "segmentation" in tasks and "classification" not in tasks and not CLASSIFICATION_CKPT.is_file():
+        tasks = ["classification", *tasks]
     results = {task: run(task) for task in tasks}
     print("\n=== quickstart results")
     for task, metrics in results.items():

@@ -40,3 +40,15 @@ def csv_logger(save_dir) -> list[str]:
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
               "init_args": {"save_dir": str(save_dir), "name": "", "version": ""}}
     return ["--trainer.logger", json.dumps(logger)]
+
+
+@pytest.fixture(scope="session")
+def classification_quickstart(tmp_path_factory):
+    """The README's classification quickstart, fitted and tested once per session: (cli, working
+    directory). The segmentation quickstart fine-tunes from its checkpoint in the same directory."""
+    cwd = tmp_path_factory.mktemp("quickstart")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        cli = run_cli(["fit", "--config", CONFIGS / "quickstart" / "classification.yaml"])
+        cli.test_metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")[0]
+    return cli, cwd

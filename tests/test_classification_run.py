@@ -25,15 +25,9 @@ def small_run(root: Path, *extra: str) -> list[str]:
             "--trainer.enable_progress_bar", "false", *extra]
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The README's quickstart, fitted once for this module: (cli, its working directory)."""
-    cwd = tmp_path_factory.mktemp("quickstart")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(cwd)
-        cli = run_cli(["fit", "--config", QUICKSTART])
-        cli.test_metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")[0]
-    return cli, cwd
+@pytest.fixture
+def quickstart(classification_quickstart):
+    return classification_quickstart
 
 
 def test_quickstart_learns_well_above_chance(quickstart):

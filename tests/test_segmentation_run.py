@@ -1,0 +1,83 @@
+"""Segmentation end to end through the CLI: fine-tuning the classification quickstart's backbone on
+the quickstart data in the Cityscapes layout, then predicting colour masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.cityscapes import PALETTE
+from fishnet_pl import FishNetModule, SegmentationHead
+
+from .conftest import CONFIGS, csv_logger, run_cli
+
+QUICKSTART = CONFIGS / "quickstart" / "segmentation.yaml"
+CLASSIFICATION_CKPT = "runs/quickstart/classification/checkpoints/last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def quickstart(classification_quickstart):
+    """The README's segmentation quickstart, run after the classification one in its directory."""
+    _, cwd = classification_quickstart
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        cli = run_cli(["fit", "--config", QUICKSTART, "--trainer.enable_progress_bar", "false"])
+    return cli, cwd
+
+
+def test_fine_tuning_starts_from_the_classification_backbone_without_its_classifier(classification_quickstart):
+    _, cwd = classification_quickstart
+    ckpt = torch.load(cwd / CLASSIFICATION_CKPT, weights_only=True)["state_dict"]
+    model = FishNetModule(head=SegmentationHead(), backbone="fishnet_tiny", num_classes=19,
+                          backbone_weights=str(cwd / CLASSIFICATION_CKPT))
+    ours = model.backbone.state_dict()
+    classifier = [k for k in ckpt if k.startswith(("backbone.fc.", "backbone.pre_logits."))]
+    assert classifier and not [k for k in ours if k.startswith(("fc.", "pre_logits."))]
+    assert all(torch.equal(ckpt[f"backbone.{k}"], v) for k, v in ours.items())
+    with pytest.raises(ValueError, match="do not match this backbone") as err:
+        FishNetModule(head=SegmentationHead(), backbone="fishnet99", num_classes=19,
+                      backbone_weights=str(cwd / CLASSIFICATION_CKPT))
+    assert CLASSIFICATION_CKPT.split("/")[-1] in str(err.value)
+
+
+def test_quickstart_reaches_an_miou_well_above_chance(quickstart):
+    cli, _ = quickstart
+    metrics = cli.trainer.callback_metrics
+    # 7 classes on the quickstart images: a constant guess (road) scores an mIoU near 0.05.
+    assert metrics["val/miou"] > 0.4, dict(metrics)
+    assert {"val/iou_road", "val/iou_sky", "val/iou_car", "val/iou_person"} <= set(metrics)
+
+
+def test_predict_writes_a_cityscapes_colour_mask_and_an_overlay_per_image(quickstart, tmp_path):
+    cli, cwd = quickstart
+    ckpt = cwd / "runs" / "quickstart" / "segmentation" / "checkpoints" / "last.ckpt"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        run_cli(["predict", "--config", QUICKSTART, "--ckpt_path", ckpt, "--predict_dir", tmp_path,
+                 "--trainer.enable_progress_bar", "false"])
+    images = sorted((cwd / "data/quickstart/cityscapes/leftImg8bit/test").rglob("*_leftImg8bit.png"))
+    assert images
+    for image in images:
+        mask, overlay = (Image.open(tmp_path / f"{image.stem}_{kind}.png") for kind in ("mask", "overlay"))
+        assert mask.mode == "P" and mask.size == overlay.size == Image.open(image).size  # 240x120, unpadded
+        labels = np.asarray(mask)
+        assert labels.max() < 19
+        colours = np.asarray(mask.convert("RGB"))
+        np.testing.assert_array_equal(colours, np.asarray(PALETTE, np.uint8)[labels])
+
+
+def test_backbone_can_stay_frozen_for_the_first_epochs(classification_quickstart, tmp_path):
+    _, cwd = classification_quickstart
+    args = ["fit", "--config", QUICKSTART, "--model.backbone_weights", cwd / CLASSIFICATION_CKPT,
+            "--data.init_args.root", cwd / "data/quickstart/cityscapes", "--data.init_args.num_workers", "0",
+            "--model.frozen_stages", "11", "--model.unfreeze_at_epoch", "1", "--trainer.limit_train_batches", "1",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            *csv_logger(tmp_path / "frozen")]
+    start = FishNetModule(head=SegmentationHead(), backbone="fishnet_tiny", num_classes=19,
+                          backbone_weights=str(cwd / CLASSIFICATION_CKPT)).backbone.state_dict()
+    for epochs, changed in (("1", False), ("2", True)):
+        cli = run_cli([*args, "--trainer.max_epochs", epochs])
+        weight = cli.model.backbone.state_dict()["stem.conv1.0.weight"]
+        assert (not torch.equal(weight, start["stem.conv1.0.weight"])) == changed, epochs
