@@ -13,7 +13,6 @@ from pathlib import Path
 
 import albumentations as A
 import cv2
-import lightning as L
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
@@ -22,9 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    AugmentedDataModule,
     DatasetError,
-    load_pipeline_state,
-    pipeline_state,
     read_label_png,
     read_rgb,
     require_dir,
@@ -165,7 +163,7 @@ class CityscapesDataset(Dataset):
         return {"image": out["image"], "mask": out["mask"].long(), "path": str(image_path)}
 
 
-class CityscapesDataModule(L.LightningDataModule):
+class CityscapesDataModule(AugmentedDataModule):
     """Cityscapes fine annotations in the official layout, 19 classes, with the usual segmentation augmentation.
 
     Batches are ``{"image": float32 [B, 3, H, W] (ImageNet-normalised), "mask": int64 [B, H, W]
@@ -278,14 +276,6 @@ class CityscapesDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
                           worker_init_fn=seed_worker,
                           persistent_workers=False)  # fresh workers each epoch draw fresh seeds (exact resume)
-
-    def state_dict(self) -> dict:
-        """The main-process augmentation stream (used with num_workers=0), so resume continues it."""
-        return {"train_pipeline": pipeline_state(self.datasets["train"].transform)} if "train" in self.datasets else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if "train_pipeline" in state_dict and "train" in self.datasets:
-            load_pipeline_state(self.datasets["train"].transform, state_dict["train_pipeline"])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

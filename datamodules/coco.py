@@ -18,7 +18,6 @@ from functools import cached_property
 from pathlib import Path
 
 import albumentations as A
-import lightning as L
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
@@ -26,7 +25,7 @@ from albumentations.pytorch import ToTensorV2
 from pycocotools.coco import COCO
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
-from datamodules.common import DatasetError, read_rgb, require_dir, seed_pipeline, seed_worker
+from datamodules.common import AugmentedDataModule, DatasetError, read_rgb, require_dir, seed_pipeline, seed_worker
 from datamodules.quickstart_detection import DETECTION_CATEGORIES, write_detection
 
 log = logging.getLogger(__name__)
@@ -284,7 +283,7 @@ class GroupedBatchSampler(BatchSampler):
             yield batch + list(itertools.islice(itertools.cycle(seen[group]), self.batch_size - len(batch)))
 
 
-class COCODataModule(L.LightningDataModule):
+class COCODataModule(AugmentedDataModule):
     """COCO 2017 detection / instance segmentation in the official layout, for torchvision-style detectors.
 
     Batches are ``{"images": [float32 [3, H, W] in 0..1], "targets": [dict], "paths": [str]}``; a target

@@ -14,6 +14,7 @@ import os
 import random
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -90,3 +91,20 @@ def require_dir(path: str | os.PathLike, what: str) -> Path:
     if not path.is_dir():
         raise DatasetError(f"{path}: {what} directory does not exist")
     return path
+
+
+class AugmentedDataModule(L.LightningDataModule):
+    """A datamodule whose ``datasets["train"]`` has a seeded albumentations ``transform``.
+
+    Checkpoints carry the main-process augmentation stream (what ``num_workers=0`` draws from), so a
+    resumed run continues it; worker processes reseed from the run seed each epoch (``seed_worker``).
+    """
+
+    datasets: dict
+
+    def state_dict(self) -> dict:
+        return {"train_pipeline": pipeline_state(self.datasets["train"].transform)} if "train" in self.datasets else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "train_pipeline" in state_dict and "train" in self.datasets:
+            load_pipeline_state(self.datasets["train"].transform, state_dict["train_pipeline"])

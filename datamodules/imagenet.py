@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import albumentations as A
-import lightning as L
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
@@ -15,9 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    AugmentedDataModule,
     DatasetError,
-    load_pipeline_state,
-    pipeline_state,
     read_rgb,
     require_dir,
     seed_pipeline,
@@ -98,7 +96,7 @@ class ImageDataset(Dataset):
         raise DatasetError(f"no readable image among the {len(self.samples)} of this dataset")
 
 
-class ImageNetDataModule(L.LightningDataModule):
+class ImageNetDataModule(AugmentedDataModule):
     """ImageNet-style classification data with the FishNet authors' augmentation.
 
     Args:
@@ -202,14 +200,6 @@ class ImageNetDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
                           worker_init_fn=seed_worker,
                           persistent_workers=False)  # fresh workers each epoch draw fresh seeds (exact resume)
-
-    def state_dict(self) -> dict:
-        """The main-process augmentation stream (used with num_workers=0), so resume continues it."""
-        return {"train_pipeline": pipeline_state(self.datasets["train"].transform)} if "train" in self.datasets else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if "train_pipeline" in state_dict and "train" in self.datasets:
-            load_pipeline_state(self.datasets["train"].transform, state_dict["train_pipeline"])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
