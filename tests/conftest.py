@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+DDP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
 
 
 def run_cli(args: list[str]):
@@ -23,7 +24,10 @@ def run_cli(args: list[str]):
 
 def run_cli_subprocess(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``fishnet-pl`` as a new process (needed for DDP, which re-launches the command line)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Without the rendezvous variables an in-process DDP test left behind (Lightning stores its port in
+    # os.environ): each run then picks a free port, instead of all reusing one that may still be taken.
+    inherited = {k: v for k, v in os.environ.items() if k not in DDP_VARIABLES}
+    env = {**inherited, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "fishnet_pl.cli", *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
