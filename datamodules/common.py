@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -83,6 +86,28 @@ def load_pipeline_state(transform, state: dict) -> None:
     generator.bit_generator.state = state["numpy"]
     py_random.setstate(state["python"])
     transform.set_random_state(generator, py_random)
+
+
+def write_once(root: str | os.PathLike, complete: Callable[[Path], bool], write: Callable[[Path], None],
+               what: str) -> Path:
+    """Write a generated dataset into ``root`` unless ``complete(root)`` says it is there; returns ``root``.
+
+    ``write`` fills a temporary folder beside ``root`` that is then renamed, so another process never
+    sees half a dataset; if another process finished first, its copy stays.
+    """
+    root = Path(root)
+    if complete(root):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        write(tmp)
+        tmp.rename(root)  # replaces a missing or empty root atomically
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not complete(root):  # not another process finishing first: root holds something else
+            raise DatasetError(f"{root}: exists and is not empty, but holds no {what}") from None
+    return root
 
 
 def require_dir(path: str | os.PathLike, what: str) -> Path:

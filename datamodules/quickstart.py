@@ -7,12 +7,12 @@ runs the same loader as ImageNet itself. Deterministic: the same files on every 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from datamodules.common import write_once
 
 # Fake WordNet ids, one per shape; sorted order = label order.
 CLASSIFICATION_CLASSES = ("n00000001", "n00000002", "n00000003", "n00000004")
@@ -27,11 +27,10 @@ def write_classification(root: str | os.PathLike) -> Path:
     Does nothing if ``root`` already holds it. Written to a temporary folder beside ``root`` and
     renamed, so another process never sees half a dataset.
     """
-    root = Path(root)
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    return write_once(root, _complete, _write, "quickstart classification data")
+
+
+def _write(tmp: Path) -> None:
     rng = np.random.default_rng(0)
     for split, count in _IMAGES_PER_CLASS.items():
         for wnid, shape in zip(CLASSIFICATION_CLASSES, _SHAPES):
@@ -39,11 +38,10 @@ def write_classification(root: str | os.PathLike) -> Path:
             folder.mkdir(parents=True)
             for i in range(count):
                 _draw(shape, rng).save(folder / f"{wnid}_{i:04d}.JPEG", quality=90)
-    try:
-        tmp.rename(root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+
+def _complete(root: Path) -> bool:
+    return all((root / split).is_dir() for split in _IMAGES_PER_CLASS)
 
 
 # Each class has its shape and its colour family, so even a small random crop carries the class.

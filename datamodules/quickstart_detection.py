@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image, ImageDraw
 
-from datamodules.common import DatasetError
+from datamodules.common import write_once
 
 # Non-contiguous on purpose, as in COCO (ids 1..90 for 80 classes).
 DETECTION_CATEGORIES = (
@@ -39,11 +37,10 @@ def write_detection(root: str | os.PathLike) -> Path:
     Does nothing if ``root`` already holds it. Written to a temporary folder beside ``root`` and
     renamed, so another process never sees half a dataset.
     """
-    root = Path(root)
-    if _complete(root):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    return write_once(root, _complete, _write, "quickstart detection data")
+
+
+def _write(tmp: Path) -> None:
     rng = np.random.default_rng(0)
     (tmp / "annotations").mkdir()
     annotation_id = 1
@@ -68,13 +65,6 @@ def write_detection(root: str | os.PathLike) -> Path:
             "images": images, "annotations": annotations, "categories": list(DETECTION_CATEGORIES),
         }
         (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
-    try:
-        tmp.rename(root)  # replaces a missing or empty root atomically
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _complete(root):  # not another process finishing first: root holds something else
-            raise DatasetError(f"{root}: exists and is not empty, but holds no quickstart detection data") from None
-    return root
 
 
 def _complete(root: Path) -> bool:

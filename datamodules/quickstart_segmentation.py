@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from datamodules.cityscapes import LABELS
-from datamodules.common import DatasetError
+from datamodules.common import write_once
 
 _SPLITS = {"train": (("aachen", 16), ("bochum", 16)), "val": (("frankfurt", 8),), "test": (("berlin", 4),)}
 HEIGHT, WIDTH = 120, 240
@@ -40,23 +38,15 @@ def write_cityscapes(root: str | os.PathLike) -> Path:
     Does nothing if ``root`` already holds it. Written to a temporary folder beside ``root`` and
     renamed, so another process never sees half a dataset.
     """
-    root = Path(root)
-    if _complete(root):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    return write_once(root, _complete, _write, "quickstart Cityscapes data")
+
+
+def _write(tmp: Path) -> None:
     rng = np.random.default_rng(0)
     for split, cities in _SPLITS.items():
         for city, count in cities:
             for i in range(count):
                 _write_frame(tmp, split, city, f"{city}_{i:06d}_000019", rng)
-    try:
-        tmp.rename(root)  # replaces a missing or empty root atomically
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _complete(root):  # not another process finishing first: root holds something else
-            raise DatasetError(f"{root}: exists and is not empty, but holds no quickstart Cityscapes data") from None
-    return root
 
 
 def _complete(root: Path) -> bool:
