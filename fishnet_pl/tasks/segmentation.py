@@ -22,6 +22,7 @@ from PIL import Image
 from segmentation_models_pytorch.base import SegmentationModel
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from datamodules.common import IMAGENET_MEAN, IMAGENET_STD
 from fishnet_pl.models import FishNet
 from fishnet_pl.models.smp_encoder import bound_encoder_name
 from fishnet_pl.tasks.base import TaskHead
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 
 # Inputs are padded to a multiple of this: FishNet's tail always halves the input five times.
 PAD_MULTIPLE = 32
-# ImageNet statistics the datamodules normalise with; undone to draw overlays.
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def smp_architectures() -> dict[str, type[SegmentationModel]]:
@@ -210,7 +209,7 @@ class SegmentationHead(TaskHead):
     # ------------------------------------------------------------------ predict
     def predict_step(self, backbone: FishNet, batch: dict) -> list[dict[str, Any]]:
         labels = self.predict_probabilities(batch["image"]).argmax(dim=1).to(torch.uint8).cpu().numpy()
-        mean, std = (batch["image"].new_tensor(v).view(1, 3, 1, 1) for v in (MEAN, STD))
+        mean, std = (batch["image"].new_tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
         pixels = ((batch["image"] * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
         return [{"path": path, "labels": m, "image": p} for path, m, p in zip(batch["path"], labels, pixels)]
