@@ -1,4 +1,4 @@
-"""The authors' checkpoint layout and golden outputs (../shared/reference/fishnet/)."""
+"""The authors' checkpoint layout and golden outputs (tests/reference/fishnet/)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "fishnet"
+# A copy of the project's proof data (../shared/reference/fishnet/), so a clone anywhere can run the tests.
+REFERENCE = Path(__file__).resolve().parents[1] / "reference" / "fishnet"
 OFFICIAL = ("fishnet99", "fishnet150", "fishnet201")
 
 
