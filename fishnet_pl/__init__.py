@@ -1,4 +1,11 @@
-"""fishnet-pl: FishNet backbones, exact to the authors' model, with Lightning task heads."""
+"""fishnet-pl: FishNet backbones, exact to the authors' model and registered in timm, with Lightning tasks.
+
+``import fishnet_pl`` registers the FishNet variants in timm (``timm.create_model("fishnet150")``,
+smp's ``encoder_name="tu-fishnet150"``). The Lightning parts load on first use, so the backbone alone
+needs neither Lightning nor the task dependencies.
+"""
+
+import importlib
 
 from fishnet_pl.models import (  # noqa: F401
     FishNet,
@@ -12,8 +19,14 @@ from fishnet_pl.models import (  # noqa: F401
     fishnext150_32x4d,
     fishnext201_32x4d,
     list_backbones,
-    smp_encoder,  # noqa: F401,E402  (registers the FishNet smp encoders)
+    load_official_weights,
 )
-from fishnet_pl.models.official import load_official_weights  # noqa: F401,E402
-from fishnet_pl.module import FishNetModule  # noqa: F401,E402
-from fishnet_pl.tasks import ClassificationHead, DetectionHead, SegmentationHead, TaskHead  # noqa: F401,E402
+
+_LAZY = {"FishNetModule": "fishnet_pl.module", "TaskHead": "fishnet_pl.tasks", "ClassificationHead": "fishnet_pl.tasks",
+         "SegmentationHead": "fishnet_pl.tasks", "DetectionHead": "fishnet_pl.tasks"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fishnet_pl' has no attribute {name!r}")

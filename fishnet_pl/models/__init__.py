@@ -1,4 +1,7 @@
-from fishnet_pl.models.fishnet import (  # noqa: F401  (importing registers the variants)
+"""The FishNet family as timm models, and backbones by name. Importing this registers FishNet in timm;
+it imports neither Lightning nor the task and data code."""
+
+from fishnet_pl.models.fishnet import (  # noqa: F401  (importing registers the variants in timm)
     STAGE_NAMES,
     FishNet,
     FishNetConfig,
@@ -10,4 +13,5 @@ from fishnet_pl.models.fishnet import (  # noqa: F401  (importing registers the 
     fishnext150_32x4d,
     fishnext201_32x4d,
 )
-from fishnet_pl.models.registry import create_backbone, list_backbones, register_backbone  # noqa: F401
+from fishnet_pl.models.official import load_official_weights  # noqa: F401
+from fishnet_pl.models.registry import create_backbone, list_backbones  # noqa: F401

@@ -15,17 +15,18 @@ Feature maps of FishNet-150 at 224x224 (``f`` indices used below, as in the auth
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
+from timm.models._features import feature_take_indices
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm  # BatchNorm2d and SyncBatchNorm
 from torch.utils.checkpoint import checkpoint
-
-from fishnet_pl.models.registry import register_backbone
 
 # Which earlier feature map (index into f0..f10) each body / head stage concatenates:
 # the authors' ``trans_map = (2, 1, 0, 6, 5, 4)``.
@@ -126,6 +127,9 @@ class TailStage(nn.Module):
         self.blocks = blocks
         self.resample = nn.MaxPool2d(2, stride=2)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resample(self.blocks(x))
+
 
 class Bridge(nn.Module):
     """Between tail and body: widen to 2C, then blocks back to C gated by an SE-like attention.
@@ -141,9 +145,15 @@ class Bridge(nn.Module):
                                        nn.Conv2d(2 * ch, ch // 16, 1), nn.ReLU(inplace=True),
                                        nn.Conv2d(ch // 16, ch, 1), nn.Sigmoid())
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expanded = self.expand(x)
+        attention = self.attention(expanded)
+        return self.blocks(expanded) * attention + attention
+
 
 class RefineStage(nn.Module):
-    """A body (UR) or head (DR) stage: ``cat(resample(blocks(x)), transfer(earlier_map))``."""
+    """A body (UR) or head (DR) stage: ``cat(resample(blocks(x)), transfer(earlier))``, where ``earlier``
+    is the map of the same resolution from an earlier stage."""
 
     def __init__(self, blocks: nn.Sequential, transfer: nn.Sequential, resample: nn.Module):
         super().__init__()
@@ -151,37 +161,48 @@ class RefineStage(nn.Module):
         self.transfer = transfer
         self.resample = resample
 
+    def forward(self, x: torch.Tensor, earlier: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.resample(self.blocks(x)), self.transfer(earlier)], dim=1)
+
 
 class FishNet(nn.Module):
-    """FishNet classifier and multi-scale feature extractor.
+    """FishNet classifier and multi-scale feature extractor, a timm model.
+
+    Built by timm's factory (``timm.create_model("fishnet150", ...)`` once ``fishnet_pl`` is imported),
+    so ``features_only=True``, ``out_indices`` and ``pretrained_cfg`` behave as for any timm model.
 
     Args:
         cfg: channels and depths of the variant (see the registered factories).
         num_classes: classifier outputs; 0 makes ``forward`` return the pooled pre-logits.
-        in_channels: input image channels.
+        in_chans: input image channels.
+        global_pool: "avg" (the authors' network) or "" (no pooling: ``forward`` returns maps).
         output_stride: 32 (the authors' network), 16 or 8: the last down-samplings are removed
             and the convolutions that now see a finer map are dilated to keep their receptive field.
-        features_only: drop the score layers; ``forward`` returns ``forward_features``.
-        frozen_stages: freeze the first N stages of ``STAGE_NAMES`` (weights and BN statistics).
-        freeze_bn: keep every BatchNorm in eval mode with frozen affine parameters.
-        grad_checkpointing: recompute block activations in backward to save memory.
+        drop_rate: dropout before the classifier (0, the authors' network, has none).
+        grad_checkpointing: recompute stage activations in backward to save memory.
     """
 
-    def __init__(self, cfg: FishNetConfig, *, num_classes: int = 1000, in_channels: int = 3,
-                 output_stride: int = 32, features_only: bool = False, frozen_stages: int = 0,
-                 freeze_bn: bool = False, grad_checkpointing: bool = False):
+    def __init__(self, cfg: FishNetConfig, *, num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg",
+                 output_stride: int = 32, drop_rate: float = 0.0, grad_checkpointing: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-        if not 0 <= frozen_stages <= len(STAGE_NAMES):
-            raise ValueError(f"frozen_stages must be in 0..{len(STAGE_NAMES)}, got {frozen_stages}")
-        self.cfg, self.num_classes, self.in_channels = cfg, num_classes, in_channels
-        self.features_only, self.frozen_stages, self.freeze_bn = features_only, frozen_stages, freeze_bn
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(cfg, num_classes, in_chans, global_pool, drop_rate, grad_checkpointing)
+        if dtype is not None:
+            self.to(dtype=dtype)
+        self.output_stride = 32
+        self.set_output_stride(output_stride)
+
+    def _build(self, cfg: FishNetConfig, num_classes: int, in_chans: int, global_pool: str, drop_rate: float,
+               grad_checkpointing: bool) -> None:
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        self.cfg, self.num_classes, self.in_chans, self.drop_rate = cfg, num_classes, in_chans, drop_rate
         self.grad_checkpointing = grad_checkpointing
 
         c0 = cfg.stem_planes
         self.stem = nn.Sequential(OrderedDict(
-            conv1=_conv_bn_relu(in_channels, c0 // 2, stride=2),
+            conv1=_conv_bn_relu(in_chans, c0 // 2, stride=2),
             conv2=_conv_bn_relu(c0 // 2, c0 // 2),
             conv3=_conv_bn_relu(c0 // 2, c0)))
         self.stem_pool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -214,29 +235,58 @@ class FishNet(nn.Module):
             chs.append(planes + chs[src]), strides.append(strides[-1] * 2)
         self._map_channels, self._map_strides = chs, strides
 
-        # Maps for dense heads: the stem's last conv (stride 2; nothing else exists there), then the
-        # last body map (stride 4) and the three head maps (8, 16, 32). Body and head maps are the
-        # richest at their stride: each concatenates the trunk with every earlier resolution.
+        # Maps for dense heads (timm's feature_info, forward_intermediates' indices 0-4): the stem's last
+        # conv (stride 2; nothing else exists there), the last body map (stride 4) and the three head maps
+        # (8, 16, 32). Body and head maps are the richest at their stride: each concatenates the trunk
+        # with every earlier resolution.
         self._feature_maps = ((None, c0, 2, "stem"), (7, chs[7], 4, "body.2"), (8, chs[8], 8, "head.0"),
                               (9, chs[9], 16, "head.1"), (10, chs[10], 32, "head.2"))
 
-        if not features_only:
-            self.pre_logits = nn.Sequential(*_bn_relu_conv_bn_relu(chs[-1], chs[-1] // 2))
-            self.global_pool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Conv2d(chs[-1] // 2, num_classes, 1) if num_classes > 0 else nn.Identity()
-            self.num_features = chs[-1] // 2
+        # The authors' score layer: BN-ReLU-1x1-BN-ReLU (pre-logits, half the width), pool, 1x1 classifier.
+        self.num_features = chs[-1]
+        self.head_hidden_size = chs[-1] // 2
+        self.pre_logits = nn.Sequential(*_bn_relu_conv_bn_relu(chs[-1], self.head_hidden_size))
+        self.global_pool, self.fc = self._make_classifier(num_classes, global_pool)
         self._init_weights()
-        self.output_stride = 32
-        self.set_output_stride(output_stride)
-        self._apply_freezing()
+
+    # ----------------------------------------------------------------- timm's classifier interface
+    def _make_classifier(self, num_classes: int, global_pool: str) -> tuple[nn.Module, nn.Module]:
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+        pool = nn.AdaptiveAvgPool2d(1) if global_pool == "avg" else nn.Identity()
+        fc = nn.Conv2d(self.head_hidden_size, num_classes, 1) if num_classes > 0 else nn.Identity()
+        if isinstance(fc, nn.Conv2d):
+            # The authors' fan-out rule gives the classifier std sqrt(2 / num_classes): 0.045 at 1000 classes but
+            # 0.7 at 4, where training then starts from huge logits. A small classifier init suits both.
+            nn.init.normal_(fc.weight, 0.0, 0.01)
+            nn.init.zeros_(fc.bias)
+        return pool, fc
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none, ``forward`` gives pre-logits); ``global_pool``
+        "avg" or "" (keep the maps), None keeps the current pooling."""
+        if global_pool is None:
+            global_pool = "avg" if isinstance(self.global_pool, nn.AdaptiveAvgPool2d) else ""
+        self.num_classes = num_classes
+        like = next(self.parameters())
+        with torch.device(like.device):
+            pool, fc = self._make_classifier(num_classes, global_pool)
+        self.global_pool, self.fc = pool.train(self.training), fc.to(dtype=like.dtype).train(self.training)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """timm's parameter groups: the stem, then each stage of ``STAGE_NAMES`` in forward order (the unit
+        of ``frozen_stages`` in fishnet-pl, of layer-wise LR decay in timm); the score layers come last."""
+        return _stage_ordinal
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     # ----------------------------------------------------------------- configuration
-    @property
-    def feature_info(self) -> list[dict]:
-        """Maps returned by ``forward_features``: channels, reduction (stride) and module name."""
-        return [dict(num_chs=c, reduction=min(s, self.output_stride), module=m)
-                for _, c, s, m in self._feature_maps]
-
     def set_output_stride(self, output_stride: int) -> None:
         """Replace the last down-samplings by dilation so the coarsest map has this stride.
 
@@ -246,6 +296,8 @@ class FishNet(nn.Module):
         """
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        if not len(self.tail):  # pruned to the stem (stride 2): nothing to change
+            return
         s, eff = self._map_strides, lambda stride: min(stride, output_stride)
         factor = lambda stride: stride // eff(stride)
 
@@ -267,93 +319,112 @@ class FishNet(nn.Module):
             dilate(stage.transfer, s[HEAD_TRANSFER_FROM[h]])
             stage.resample = nn.MaxPool2d(2, stride=2) if eff(s[7 + h]) != eff(s[8 + h]) else nn.Identity()
         self.output_stride = output_stride
+        self.feature_info = [dict(num_chs=c, reduction=min(r, output_stride), module=m)
+                             for _, c, r, m in self._feature_maps]
 
     def stages(self) -> list[nn.Module]:
-        """Stages in forward order, matching ``STAGE_NAMES`` (the unit of ``frozen_stages``)."""
+        """Stages in forward order, matching ``STAGE_NAMES``."""
         return [self.stem, *self.tail, self.bridge, *self.body, *self.head]
-
-    def _apply_freezing(self) -> None:
-        for stage in self.stages()[: self.frozen_stages]:
-            stage.requires_grad_(False)
-        if self.freeze_bn:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> FishNet:
-        """Like ``nn.Module.train``, but frozen stages and frozen BN keep their statistics fixed."""
-        super().train(mode)
-        if mode:
-            frozen = self.stages()[: self.frozen_stages] if not self.freeze_bn else [self]
-            for part in frozen:
-                for m in part.modules():
-                    if isinstance(m, _BatchNorm):
-                        m.eval()
-        return self
 
     def _init_weights(self) -> None:
         # The authors' initialisation: He-normal over fan-out, BN at identity.
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and m is not self.fc:
                 n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if isinstance(getattr(self, "fc", None), nn.Conv2d):
-            # Their fan-out rule gives the classifier std sqrt(2 / num_classes): 0.045 at 1000 classes but
-            # 0.7 at 4, where training then starts from huge logits. A small classifier init suits both.
-            nn.init.normal_(self.fc.weight, 0.0, 0.01)
-            nn.init.zeros_(self.fc.bias)
 
     # ----------------------------------------------------------------- forward
-    def _run(self, seq: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _call(self, stage: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(seq, x, use_reentrant=False)
-        return seq(x)
+            return checkpoint(stage, *inputs, use_reentrant=False)
+        return stage(*inputs)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"FishNet expects input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        h, w, m = *x.shape[-2:], self.output_stride
-        if h % m or w % m:
-            raise ValueError(f"FishNet (output stride {m}) needs height and width divisible by {m}, got {h}x{w}; "
-                             f"pad or resize the input, e.g. to {math.ceil(h / m) * m}x{math.ceil(w / m) * m}")
-
-    def _forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Return the stem's stride-2 map and f0..f10."""
-        self._check_input(x)
-        s2 = self.stem(x)
+    def _forward_maps(self, x: torch.Tensor, last: int = 10) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stem's stride-2 map and f0..f{last} (fewer when stages were pruned)."""
+        _check_input(x, self.in_chans, self.output_stride)
+        s2 = self._call(self.stem, x)
         f = [self.stem_pool(s2)]
+        if last < 0:  # only the stem's map was asked for
+            return s2, f
         for stage in self.tail:
-            f.append(stage.resample(self._run(stage.blocks, f[-1])))
-        expanded = self.bridge.expand(f[-1])
-        attention = self.bridge.attention(expanded)
-        f.append(self._run(self.bridge.blocks, expanded) * attention + attention)
+            f.append(self._call(stage, f[-1]))
+        if len(f) < 4 or last < 4:  # pruned after the stem
+            return s2, f
+        f.append(self._call(self.bridge, f[-1]))
         for stage, src in zip([*self.body, *self.head], BODY_TRANSFER_FROM + HEAD_TRANSFER_FROM):
-            trunk = stage.resample(self._run(stage.blocks, f[-1]))
-            f.append(torch.cat([trunk, self._run(stage.transfer, f[src])], dim=1))
+            if len(f) > last:
+                break
+            f.append(self._call(stage, f[-1], f[src]))
         return s2, f
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Multi-scale maps for dense heads, described by ``feature_info``.
+    def _map_index(self, feature_index: int) -> int:
+        """The f0..f10 index of a ``feature_info`` map; -1 for the stem's stride-2 map (before f0)."""
+        index = self._feature_maps[feature_index][0]
+        return -1 if index is None else index
 
-        For an ``N x C x H x W`` input (H, W multiples of ``output_stride``) returns five maps at strides
-        2, 4, 8, 16, 32 (capped at ``output_stride``): the stem's last conv, the last body map and
-        the three head maps (64, 320, 832, 1600, 2112 channels for FishNet-150).
-        """
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API. Intermediates are the ``feature_info`` maps (indices 0-4: strides 2, 4, 8, 16, 32,
+        capped at ``output_stride``; for FishNet-150 64, 320, 832, 1600, 2112 channels), the final output
+        is ``forward_features``. ``indices``: the last n maps if an int, these if a list, all if None;
+        ``stop_early`` stops after the last map asked for. ``norm`` has no effect (FishNet has no final norm)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"FishNet gives NCHW maps, not {output_fmt}")
+        take, max_index = feature_take_indices(len(self._feature_maps), indices)
+        last = self._map_index(max_index) if stop_early or intermediates_only else 10
+        s2, f = self._forward_maps(x, last)
+        intermediates = [s2 if self._feature_maps[i][0] is None else f[self._feature_maps[i][0]] for i in take]
+        if intermediates_only:
+            return intermediates
+        return f[-1], intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last ``feature_info`` map in ``indices`` and, with ``prune_head``,
+        the score layers (timm's features_only models call this)."""
+        take, max_index = feature_take_indices(len(self._feature_maps), indices)
+        last = self._map_index(max_index)
+        if last < 4:
+            self.tail, self.body, self.head = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+            self.bridge = nn.Identity()
+        else:
+            self.head = self.head[: max(0, last - 7)]
+        if prune_head:
+            self.reset_classifier(0, "")
+            self.pre_logits = nn.Identity()
+            self.head_hidden_size = self.num_features
+        return take
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last head map, unpooled: [N, ``num_features``, H / output_stride, W / output_stride]
+        (after ``prune_intermediate_layers``, the last map kept)."""
         s2, f = self._forward_maps(x)
-        return [s2 if i is None else f[i] for i, *_ in self._feature_maps]
+        return f[-1] if len(self.tail) else s2
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Score layer on the last head map: BN-ReLU-1x1-BN-ReLU, global pool, 1x1 classifier."""
         x = self.global_pool(self.pre_logits(x))
-        return (x if pre_logits else self.fc(x)).flatten(1)
+        if self.drop_rate:
+            x = F.dropout(x, self.drop_rate, self.training)
+        x = x if pre_logits else self.fc(x)
+        return x.flatten(1) if isinstance(self.global_pool, nn.AdaptiveAvgPool2d) else x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        if self.features_only:
-            return self.forward_features(x)
-        return self.forward_head(self._forward_maps(x)[1][-1])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_notrace_function  # a data-dependent check: a leaf for symbolic tracing (torch.fx)
+def _check_input(x: torch.Tensor, in_chans: int, output_stride: int) -> None:
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"FishNet expects input of shape (N, {in_chans}, H, W), got {tuple(x.shape)}")
+    h, w, m = *x.shape[-2:], output_stride
+    if h % m or w % m:
+        raise ValueError(f"FishNet (output stride {m}) needs height and width divisible by {m}, got {h}x{w}; "
+                         f"pad or resize the input, e.g. to {math.ceil(h / m) * m}x{math.ceil(w / m) * m}")
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
@@ -383,49 +454,79 @@ VARIANT_CONFIGS = {
 }
 
 
-def _build(cfg: FishNetConfig, groups: int | None = None, width_per_group: int | None = None, **kwargs) -> FishNet:
-    if groups is not None or width_per_group is not None:
-        cfg = replace(cfg, groups=groups or cfg.groups, width_per_group=width_per_group or cfg.width_per_group)
-    return FishNet(cfg, **kwargs)
+def _stage_ordinal(name: str) -> float:
+    """Position of a parameter's stage in ``STAGE_NAMES`` (score layers: last)."""
+    for ordinal, stage in enumerate(STAGE_NAMES):
+        if name == stage or name.startswith(stage + "."):
+            return ordinal
+    return math.inf
 
 
-@register_backbone
-def fishnet99(**kwargs) -> FishNet:
+def _cfg(**kwargs) -> dict:
+    """timm's pretrained_cfg: what a FishNet expects as input (the authors' ImageNet preprocessing: 224
+    crops of images resized to 256, bilinear, ImageNet mean/std) and where its first conv and classifier are.
+    Every part of fishnet-pl reads mean, std and input size from here."""
+    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+            "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "stem.conv1.0", "classifier": "fc", "license": "unknown",
+            "paper_ids": "arXiv:1901.03495", "origin_url": "https://github.com/kevin-ssy/FishNet", **kwargs}
+
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANT_CONFIGS})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> FishNet:
+    # features_only: timm's FeatureGetterNet over forward_intermediates (FishNet's body and head re-use
+    # tail maps, so replaying top-level children, timm's default wrapper, cannot extract them).
+    return build_model_with_cfg(FishNet, variant, pretrained, model_cfg=VARIANT_CONFIGS[variant],
+                                pretrained_filter_fn=_official_to_ours,
+                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3, 4)), **kwargs)
+
+
+def _official_to_ours(state_dict: dict, model: FishNet) -> dict:
+    """timm's checkpoint filter: the authors' released files load by renaming to our keys."""
+    from fishnet_pl.models.official import is_official_layout, to_our_layout
+
+    return to_our_layout(state_dict, model.cfg) if is_official_layout(state_dict) else state_dict
+
+
+@register_model
+def fishnet99(pretrained: bool = False, **kwargs) -> FishNet:
     """FishNet-99: 16.63M parameters, 4.31 GFLOPs at 224x224. ``kwargs`` go to ``FishNet``."""
-    return _build(FISHNET99, **kwargs)
+    return _create("fishnet99", pretrained, **kwargs)
 
 
-@register_backbone
-def fishnet150(**kwargs) -> FishNet:
+@register_model
+def fishnet150(pretrained: bool = False, **kwargs) -> FishNet:
     """FishNet-150: 24.96M parameters, 6.45 GFLOPs at 224x224. ``kwargs`` go to ``FishNet``."""
-    return _build(FISHNET150, **kwargs)
+    return _create("fishnet150", pretrained, **kwargs)
 
 
-@register_backbone
-def fishnet201(**kwargs) -> FishNet:
+@register_model
+def fishnet201(pretrained: bool = False, **kwargs) -> FishNet:
     """FishNet-201: 44.58M parameters, 10.58 GFLOPs at 224x224. ``kwargs`` go to ``FishNet``."""
-    return _build(FISHNET201, **kwargs)
+    return _create("fishnet201", pretrained, **kwargs)
 
 
-@register_backbone
-def fishnext99_32x4d(**kwargs) -> FishNet:
+@register_model
+def fishnext99_32x4d(pretrained: bool = False, **kwargs) -> FishNet:
     """FishNeXt-99 with 32 groups of width 4 in every 3x3 convolution (ResNeXt-style)."""
-    return _build(FISHNET99, **{"groups": 32, "width_per_group": 4, **kwargs})
+    return _create("fishnext99_32x4d", pretrained, **kwargs)
 
 
-@register_backbone
-def fishnext150_32x4d(**kwargs) -> FishNet:
+@register_model
+def fishnext150_32x4d(pretrained: bool = False, **kwargs) -> FishNet:
     """FishNeXt-150 with 32 groups of width 4 in every 3x3 convolution (ResNeXt-style)."""
-    return _build(FISHNET150, **{"groups": 32, "width_per_group": 4, **kwargs})
+    return _create("fishnext150_32x4d", pretrained, **kwargs)
 
 
-@register_backbone
-def fishnext201_32x4d(**kwargs) -> FishNet:
+@register_model
+def fishnext201_32x4d(pretrained: bool = False, **kwargs) -> FishNet:
     """FishNeXt-201 with 32 groups of width 4 in every 3x3 convolution (ResNeXt-style)."""
-    return _build(FISHNET201, **{"groups": 32, "width_per_group": 4, **kwargs})
+    return _create("fishnext201_32x4d", pretrained, **kwargs)
 
 
-@register_backbone
-def fishnet_tiny(**kwargs) -> FishNet:
+@register_model
+def fishnet_tiny(pretrained: bool = False, **kwargs) -> FishNet:
     """A small FishNet of the same topology (about 2M parameters) for CPU quickstarts and tests."""
-    return _build(FISHNET_TINY, **kwargs)
+    return _create("fishnet_tiny", pretrained, **kwargs)

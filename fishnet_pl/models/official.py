@@ -7,14 +7,16 @@ checked, and a missing or extra key is an error.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
+from timm.models import adapt_input_conv
 
-from fishnet_pl.models.fishnet import FishNet
+from fishnet_pl.models.fishnet import VARIANT_CONFIGS, FishNet, FishNetConfig
 
 # (our name pattern, the authors' name); the authors' fish.fish.<i> index stages 0..9.
 _RENAMES = [
@@ -77,21 +79,21 @@ def load_official_weights(model: FishNet, path_or_state_dict: str | os.PathLike 
 
     Accepts the released ``.tar`` files (a dict whose ``state_dict`` keys start with ``module.``)
     or a bare state dict, with or without the prefix. Every key of the model must be present
-    with the same shape and the checkpoint may hold nothing else, except the score layers: they
-    are dropped when the model has none (``features_only``) or, with ``drop_classifier=True``,
-    when the model gets a new classifier (the final 1x1 conv keeps its initialisation).
-    If ``in_channels`` is not 3, the stem's first convolution is adapted (averaged to 1 channel,
-    or the RGB filters repeated and rescaled for more) so pretrained inputs keep their scale.
+    with the same shape and the checkpoint may hold nothing else, except what the model does not
+    have by construction: the score layers of a model without classifier, and the stages that
+    timm's ``features_only`` pruned. With ``drop_classifier=True`` the final 1x1 conv keeps its
+    initialisation (a new classifier). If ``in_chans`` is not 3, the stem's first convolution is
+    adapted (timm's ``adapt_input_conv``) so pretrained inputs keep their scale.
     """
     state = read_checkpoint(path_or_state_dict)
     ours = model.state_dict()
     wanted = {official_name(k): k for k in ours}
-    droppable = _SCORE_PREFIXES if model.features_only else (_FC_PREFIX,)
-    dropped = {k for k in state if k.startswith(droppable) and (k not in wanted or drop_classifier)}
+    full = {official_name(k) for k in _full_layout(model.cfg)}
+    dropped = {k for k in state if k in full and (k not in wanted or (drop_classifier and k.startswith(_FC_PREFIX)))}
 
     stem_key = official_name("stem.conv1.0.weight")
-    if stem_key in state and state[stem_key].shape[1] != model.in_channels:
-        state = {**state, stem_key: adapt_input_conv(state[stem_key], model.in_channels)}
+    if stem_key in state and state[stem_key].shape[1] != model.in_chans:
+        state = {**state, stem_key: adapt_input_conv(model.in_chans, state[stem_key])}
 
     missing = [k for k in wanted if k not in state and not (drop_classifier and k.startswith(_FC_PREFIX))]
     unexpected = [k for k in state if k not in wanted and k not in dropped]
@@ -106,12 +108,27 @@ def load_official_weights(model: FishNet, path_or_state_dict: str | os.PathLike 
     return LoadReport(loaded=sorted(to_load), dropped=sorted(dropped))
 
 
-def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Adapt RGB stem filters ``[out, 3, k, k]`` to ``in_channels`` inputs (as timm does)."""
-    if in_channels == 1:
-        return weight.sum(dim=1, keepdim=True)
-    repeats = -(-in_channels // weight.shape[1])
-    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
+def is_official_layout(state: Mapping) -> bool:
+    """Whether a state dict has the authors' key names (``fish.fish.*``, maybe behind ``module.``)."""
+    return any(k.removeprefix("module.").startswith("fish.fish.") for k in state)
+
+
+def to_our_layout(state: Mapping, cfg: FishNetConfig) -> dict[str, torch.Tensor]:
+    """The authors' state dict with our key names (timm's ``pretrained_filter_fn`` for FishNet).
+    Shapes are checked by whoever loads it; a key with no counterpart is refused here."""
+    names = {official_name(k): k for k in _full_layout(cfg)}
+    state = read_checkpoint(state)
+    unknown = [k for k in state if k not in names]
+    if unknown:
+        raise ValueError(f"not a FishNet checkpoint of this layout: {len(unknown)} keys unknown, e.g. {unknown[:5]}")
+    return {names[k]: v for k, v in state.items()}
+
+
+@functools.cache
+def _full_layout(cfg: FishNetConfig) -> dict[str, torch.Size]:
+    """Our key -> shape of the whole classifier (1000 classes) of this configuration."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in FishNet(cfg).state_dict().items()}
 
 
 def _mismatch_message(model: FishNet, state: Mapping, missing: list, unexpected: list, mismatched: list) -> str:
@@ -121,7 +138,7 @@ def _mismatch_message(model: FishNet, state: Mapping, missing: list, unexpected:
     other = _variant_matching(shapes)
     if other:
         lines.append(f"the checkpoint has the layout of {other}: create that model instead")
-    if not shapes and not model.features_only:
+    if not shapes:
         lines.append("it holds only score layers")
     if mismatched and all(k.startswith(_FC_PREFIX) for k in (m.split(":")[0] for m in mismatched)):
         lines.append("only the classifier differs: pass drop_classifier=True to fine-tune a new one")
@@ -133,23 +150,13 @@ def _mismatch_message(model: FishNet, state: Mapping, missing: list, unexpected:
 
 
 def _variant_of(model: FishNet) -> str | None:
-    from fishnet_pl.models import fishnet as variants
-
-    for name in ("FISHNET99", "FISHNET150", "FISHNET201", "FISHNET_TINY"):
-        cfg = getattr(variants, name)
-        if model.cfg == cfg:
-            return name.lower()
-    return None
+    return next((name for name, cfg in VARIANT_CONFIGS.items() if model.cfg == cfg), None)
 
 
 def _variant_matching(shapes: Mapping[str, torch.Size]) -> str | None:
     """The registered variant whose layout (score layers aside) equals these shapes, if any."""
-    from fishnet_pl.models.registry import create_backbone, list_backbones
-
-    for name in list_backbones():
-        with torch.device("meta"):
-            candidate = create_backbone(name, features_only=True)
-        layout = {k: s for k, s in official_state_dict_shapes(candidate).items()}
-        if layout == dict(shapes):
+    for name, cfg in VARIANT_CONFIGS.items():
+        layout = {official_name(k): s for k, s in _full_layout(cfg).items()}
+        if {k: s for k, s in layout.items() if not k.startswith(_SCORE_PREFIXES)} == dict(shapes):
             return name
     return None

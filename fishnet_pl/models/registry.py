@@ -1,33 +1,34 @@
-"""Name registry of backbones: ``create_backbone("fishnet150", num_classes=10)``."""
+"""Backbones by name: every timm model, FishNet's variants included (registered in timm on import).
+
+``create_backbone`` is ``timm.create_model`` with an error that names close matches, so a typo in a
+config fails at once with a hint; ``list_backbones`` is ``timm.list_models``.
+"""
 
 from __future__ import annotations
 
 import difflib
-import fnmatch
-from collections.abc import Callable
 
+import timm
 from torch import nn
-
-_BACKBONES: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_backbone(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a factory under its function name (decorator)."""
-    if factory.__name__ in _BACKBONES:
-        raise ValueError(f"backbone {factory.__name__!r} is registered twice")
-    _BACKBONES[factory.__name__] = factory
-    return factory
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
-    """Sorted names of registered backbones matching a shell-style pattern."""
-    return sorted(name for name in _BACKBONES if fnmatch.fnmatch(name, pattern))
+    """Sorted names of timm models (FishNet's among them) matching a shell-style pattern."""
+    return timm.list_models(pattern)
 
 
 def create_backbone(name: str, **kwargs) -> nn.Module:
-    """Build a registered backbone by name; an unknown name raises with the closest names."""
-    if name not in _BACKBONES:
-        close = difflib.get_close_matches(name, _BACKBONES, n=3)
+    """``timm.create_model(name, **kwargs)``; an unknown name raises ``ValueError`` with the closest names.
+
+    Typical kwargs: ``num_classes``, ``in_chans``, ``features_only``, ``out_indices``, ``output_stride``.
+    """
+    check_backbone_name(name)
+    return timm.create_model(name, **kwargs)
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise ``ValueError`` naming the closest timm models if ``name`` is not one."""
+    if not timm.is_model(name.split(".")[0]):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"Unknown backbone {name!r}.{hint} Available: {', '.join(list_backbones())}")
-    return _BACKBONES[name](**kwargs)
+        raise ValueError(f"Unknown backbone {name!r}.{hint} Any timm model name works (timm.list_models()).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 import fishnet_pl
@@ -84,22 +85,44 @@ def test_new_classifier_needs_drop_classifier_and_keeps_the_rest():
     torch.testing.assert_close(model.pre_logits[2].weight, state["module.fish.fish.9.3.2.weight"])
 
 
-def test_features_only_backbone_drops_the_score_layers():
-    model = fishnet_pl.fishnet99(features_only=True)
+@pytest.mark.parametrize("out_indices", [(0, 1, 2, 3, 4), (1, 2)])
+def test_features_only_backbone_drops_the_score_layers_and_pruned_stages(out_indices):
+    features = timm.create_model("fishnet99", features_only=True, out_indices=out_indices)
+    model = features.model
     report = load_official_weights(model, official_random_state_dict("fishnet99"))
-    assert report.dropped and all(k.startswith(("fish.fish.9.3.", "fish.fish.9.4.")) for k in report.dropped)
+    stages = {".".join(k.split(".")[:4]) for k in report.dropped}
+    if out_indices[-1] == 4:  # only the score layers
+        assert stages == {"fish.fish.9.3", "fish.fish.9.4"}
+    else:  # and head.1, head.2 (the authors' fish.fish.8 and fish.fish.9.0/.1), pruned after head.0
+        assert stages == {"fish.fish.8.0", "fish.fish.8.1", "fish.fish.9.0", "fish.fish.9.1", "fish.fish.9.3",
+                          "fish.fish.9.4"}
     assert len(report.loaded) == len(model.state_dict())
+
+
+def test_timm_pretrained_file_loads_the_official_checkpoint(tmp_path):
+    path = tmp_path / "fishnet99_ckpt.tar"
+    torch.save({"epoch": 100, "arch": "fishnet99", "state_dict": official_random_state_dict("fishnet99")}, path)
+    model = timm.create_model("fishnet99", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(golden_input()), golden_logits("fishnet99"), atol=2e-6, rtol=0)
+    # A new classifier keeps the backbone weights and reinitialises only fc.
+    ten = timm.create_model("fishnet99", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)))
+    torch.testing.assert_close(ten.pre_logits[2].weight, model.pre_logits[2].weight)
+    assert ten.get_classifier().out_channels == 10
 
 
 def test_single_channel_stem_is_adapted_from_rgb_weights():
     state = official_random_state_dict("fishnet99")
-    rgb, gray = fishnet_pl.fishnet99().eval(), fishnet_pl.fishnet99(in_channels=1).eval()
+    rgb, gray = fishnet_pl.fishnet99().eval(), timm.create_model("fishnet99", in_chans=1).eval()
     load_official_weights(rgb, state)
     load_official_weights(gray, state)
+    torch.testing.assert_close(gray.stem.conv1[0].weight,
+                               state["module.conv1.0.weight"].sum(dim=1, keepdim=True))
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         # Summed RGB filters on a gray image equal the RGB model on that image repeated 3 times.
-        torch.testing.assert_close(gray.forward_features(x)[0], rgb.forward_features(x.repeat(1, 3, 1, 1))[0])
+        torch.testing.assert_close(gray._forward_maps(x)[0], rgb._forward_maps(x.repeat(1, 3, 1, 1))[0])
+        torch.testing.assert_close(gray(x), rgb(x.repeat(1, 3, 1, 1)), atol=1e-5, rtol=1e-4)
 
 
 def test_missing_checkpoint_file_names_it(tmp_path):
