@@ -3,7 +3,8 @@
 Images are ``leftImg8bit/<split>/<city>/<name>_leftImg8bit.png``; their fine labels are
 ``gtFine/<split>/<city>/<name>_gtFine_labelIds.png`` (the ``_color``, ``_instanceIds`` and
 ``_polygons.json`` files beside them are not read). Label ids 0..33 become train ids 0..18 through
-the cityscapesscripts table below, every other class becomes 255, the ignore index.
+the cityscapesscripts table below, every other class becomes 255, the ignore index. Images come out
+as float32 in [0, 1], not normalised: the model normalises with its backbone's timm ``pretrained_cfg``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.common import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AugmentedDataModule,
     DatasetError,
     read_label_png,
@@ -95,7 +94,11 @@ def read_train_ids(path: str | os.PathLike) -> np.ndarray:
 
 def train_transform(crop_size: tuple[int, int], scale_range: tuple[float, float], flip_prob: float,
                     color_jitter: float) -> A.Compose:
-    """Scale, pad, crop and flip image and mask together (mask: nearest, padded with 255); jitter the image."""
+    """Scale, pad, crop and flip image and mask together (mask: nearest, padded with 255); jitter the image.
+
+    Padding and colour jitter work on the uint8 image (padding is black, 0); ``ToFloat`` then gives
+    float32 in [0, 1].
+    """
     height, width = crop_size
     low, high = scale_range
     photometric = [A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0,
@@ -106,16 +109,16 @@ def train_transform(crop_size: tuple[int, int], scale_range: tuple[float, float]
         A.RandomCrop(height, width),
         A.HorizontalFlip(p=flip_prob),
         *photometric,
-        A.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        A.ToFloat(max_value=255),  # float32 in [0, 1]; the model normalises
         ToTensorV2(),
     ])
 
 
 def eval_transform(scale: float) -> A.Compose:
-    """Optional resize by ``scale`` (mask: nearest), normalise; no crop or padding (the head pads itself)."""
+    """Optional resize by ``scale`` (mask: nearest), float32 in [0, 1]; no crop or padding (the head pads itself)."""
     # RandomScale with a one-point range is a deterministic resize by a factor (A.Resize wants a size).
     resize = [A.RandomScale(scale_limit=(scale - 1, scale - 1), p=1.0)] if scale != 1 else []
-    return A.Compose([*resize, A.Normalize(IMAGENET_MEAN, IMAGENET_STD), ToTensorV2()])
+    return A.Compose([*resize, A.ToFloat(max_value=255), ToTensorV2()])
 
 
 def find_samples(root: Path, split: str, with_labels: bool = True) -> list[tuple[Path, Path | None]]:
@@ -166,9 +169,9 @@ class CityscapesDataset(Dataset):
 class CityscapesDataModule(AugmentedDataModule):
     """Cityscapes fine annotations in the official layout, 19 classes, with the usual segmentation augmentation.
 
-    Batches are ``{"image": float32 [B, 3, H, W] (ImageNet-normalised), "mask": int64 [B, H, W]
+    Batches are ``{"image": float32 [B, 3, H, W] in [0, 1], "mask": int64 [B, H, W]
     (train ids 0..18, 255 = ignore), "path": [str]}``; predict batches have no ``mask``. Training
-    images are randomly scaled, padded (image 0, mask 255) to the crop if smaller, cropped to
+    images are randomly scaled, padded (image 0, i.e. black; mask 255) to the crop if smaller, cropped to
     ``crop_size``, flipped and colour-jittered. Evaluation images keep their full size (or are resized
     by ``eval_scale``), neither cropped nor padded, so all images of one evaluation batch must have
     the same size (all Cityscapes images are 1024x2048).

@@ -6,6 +6,9 @@ global seeds, so forked DataLoader workers would all inherit the same generator 
 repeat each other's augmentations. ``seed_worker`` (the loaders' ``worker_init_fn``) reseeds
 the dataset's pipeline from torch's per-worker seed, which torch derives from the run seed
 (``seed_everything``) and the worker id.
+
+Every datamodule delivers images as float32 in [0, 1] (the uint8 value / 255, ``A.ToFloat(max_value=255)``),
+``[3, H, W]``, unnormalised: the model normalises with its backbone's timm ``pretrained_cfg`` mean/std.
 """
 
 from __future__ import annotations
@@ -21,10 +24,6 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-
-# ImageNet statistics, used by every task's normalisation (the backbone is pre-trained on them).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DatasetError(ValueError):

@@ -1,4 +1,8 @@
-"""ImageNet classification data, in torchvision's folder layout or with the official flat validation set."""
+"""ImageNet classification data, in torchvision's folder layout or with the official flat validation set.
+
+Images come out as float32 ``[3, H, W]`` in [0, 1], not normalised: the model normalises with its
+backbone's timm ``pretrained_cfg`` mean/std.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,6 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.common import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AugmentedDataModule,
     DatasetError,
     read_rgb,
@@ -31,7 +33,11 @@ PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [
 
 
 class Lighting(A.ImageOnlyTransform):
-    """Adds ``eigvec @ (alpha * eigval)`` with ``alpha ~ N(0, alphastd)`` to every pixel (AlexNet's PCA noise)."""
+    """Adds ``eigvec @ (alpha * eigval)`` with ``alpha ~ N(0, alphastd)`` to every pixel (AlexNet's PCA noise).
+
+    Works on the uint8 image (the shift is scaled by 255 and the result clipped to 0..255), so it
+    comes before ``ToFloat`` in the pipeline.
+    """
 
     def __init__(self, alphastd: float = 0.1, p: float = 1.0):
         super().__init__(p=p)
@@ -49,15 +55,15 @@ def train_transform(image_size: int) -> A.Compose:
     return A.Compose([
         A.RandomResizedCrop((image_size, image_size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
         A.HorizontalFlip(),
-        Lighting(0.1),
-        A.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        Lighting(0.1),  # on uint8, before ToFloat
+        A.ToFloat(max_value=255),  # float32 in [0, 1]; the model normalises
         ToTensorV2(),
     ])
 
 
 def eval_transform(image_size: int, resize: int) -> A.Compose:
     return A.Compose([A.SmallestMaxSize(resize), A.CenterCrop(image_size, image_size),
-                      A.Normalize(IMAGENET_MEAN, IMAGENET_STD), ToTensorV2()])
+                      A.ToFloat(max_value=255), ToTensorV2()])
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -99,13 +105,18 @@ class ImageDataset(Dataset):
 class ImageNetDataModule(AugmentedDataModule):
     """ImageNet-style classification data with the FishNet authors' augmentation.
 
+    Batches are ``{"image": float32 [B, 3, H, W] in [0, 1] (not normalised; the model normalises with
+    its backbone's pretrained_cfg), "label": int64 [B] (-1 where unknown), "path": [str]}``.
+
     Args:
         root: dataset folder holding ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (torchvision's
             layout), or ``val/*.JPEG`` flat with ``val_ground_truth``.
         batch_size: images per device and step.
         num_workers: data-loading processes per device.
-        image_size: training crop and evaluation center crop, in pixels.
-        val_resize: shorter side before the evaluation center crop.
+        image_size: training crop and evaluation center crop, in pixels; None: the backbone's
+            ``pretrained_cfg`` input size (``fishnet-pl`` fills it in from ``--model.backbone``), else 224.
+        val_resize: shorter side before the evaluation center crop; None: ``image_size`` divided by the
+            backbone's ``crop_pct`` (filled in likewise), else ``image_size / 0.875``.
         val_ground_truth: for the official flat validation folder: a text file with one
             ``<file name> <wnid>`` pair per line, or Kaggle's ``LOC_val_solution.csv``.
         quickstart: if ``root`` holds no data, write the built-in quickstart dataset there first.
@@ -114,10 +125,12 @@ class ImageNetDataModule(AugmentedDataModule):
         predict_root: folder of images to predict (any layout, searched recursively); default: the val split.
     """
 
-    def __init__(self, root: str, batch_size: int = 32, num_workers: int = 4, image_size: int = 224,
-                 val_resize: int = 256, val_ground_truth: str | None = None, quickstart: bool = False,
+    def __init__(self, root: str, batch_size: int = 32, num_workers: int = 4, image_size: int | None = None,
+                 val_resize: int | None = None, val_ground_truth: str | None = None, quickstart: bool = False,
                  skip_unreadable: bool = False, pin_memory: bool = True, predict_root: str | None = None):
         super().__init__()
+        image_size = image_size or 224  # timm's default input size, for use without the CLI
+        val_resize = val_resize or round(image_size / 0.875)
         if image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 for FishNet, got {image_size}")
         self.root, self.batch_size, self.num_workers = Path(root).absolute(), batch_size, num_workers

@@ -17,7 +17,7 @@ from datamodules.cityscapes import (
     CityscapesDataModule,
     read_train_ids,
 )
-from datamodules.common import IMAGENET_MEAN, IMAGENET_STD, DatasetError
+from datamodules.common import DatasetError
 from datamodules.quickstart_segmentation import HEIGHT, WIDTH, write_cityscapes
 
 # Label id -> photo colour: the image's colour tells which label a pixel has, after any transform.
@@ -76,9 +76,19 @@ def datamodule(root, **kwargs):
 
 
 def to_rgb(image: torch.Tensor) -> np.ndarray:
-    """Undo the normalisation: float [3, H, W] -> uint8-range [H, W, 3]."""
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return ((image * std + mean) * 255).permute(1, 2, 0).numpy()
+    """Back to the uint8 range: float [3, H, W] in [0, 1] -> [H, W, 3] in 0..255."""
+    return (image * 255).permute(1, 2, 0).numpy()
+
+
+def as_float(rgb: np.ndarray) -> torch.Tensor:
+    """What the datamodule should deliver for a uint8 [H, W, 3] image: float32 [3, H, W], each value / 255."""
+    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+
+
+def assert_unit_range(image: torch.Tensor) -> None:
+    """Not normalised (the model does that): float32 in [0, 1], each value a uint8 value / 255."""
+    assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert torch.equal((image * 255).round() / 255, image)
 
 
 def train_ids_from_colour(rgb: np.ndarray) -> np.ndarray:
@@ -136,11 +146,13 @@ def test_validation_keeps_full_size_unpadded_and_maps_labels(cityscapes):
     assert batch["image"].shape == (2, 3, HEIGHT, WIDTH) and batch["image"].dtype == torch.float32
     assert batch["mask"].shape == (2, HEIGHT, WIDTH) and batch["mask"].dtype == torch.int64
     assert (batch["mask"][0].numpy() == LABEL_ID_TO_TRAIN_ID[ids]).all()
+    assert torch.equal(batch["image"][0], as_float(photo_of(ids)))  # full size: every pixel its uint8 value / 255
     assert batch["path"][0].endswith("frankfurt/frankfurt_000000_000019_leftImg8bit.png")
     half = datamodule(cityscapes, eval_scale=0.5)
     half.setup("validate")
     batch = next(iter(half.val_dataloader()))
     assert batch["image"].shape == (1, 3, HEIGHT // 2, WIDTH // 2)
+    assert batch["image"].dtype == torch.float32 and 0 <= batch["image"].min() and batch["image"].max() <= 1
     assert (batch["mask"][0].numpy() == LABEL_ID_TO_TRAIN_ID[ids[::2, ::2]]).all()  # nearest: no blended ids
 
 
@@ -151,6 +163,7 @@ def test_training_crops_transform_image_and_mask_together(cityscapes):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 48, 64) and batch["mask"].shape == (4, 48, 64)
     assert batch["mask"].dtype == torch.int64 and len(batch["path"]) == 4
+    assert_unit_range(batch["image"])
     dataset, agreement, padded = dm.datasets["train"], [], 0
     for _ in range(16):  # random scale (padded with image 0 / mask 255 when small), crop and flip
         item = dataset[0]
@@ -158,6 +171,8 @@ def test_training_crops_transform_image_and_mask_together(cityscapes):
         agreement.append((train_ids_from_colour(to_rgb(item["image"])) == mask)[inside].mean())
         assert inside.mean() > 0.5
         padded += bool((item["mask"][:, 0] == 255).all() or (item["mask"][0] == 255).all())
+        black = torch.from_numpy(inside) & (item["mask"] == 255)  # padding and the unlabeled strip
+        assert (item["image"][:, black] == 0).all()
     assert min(agreement) == 1  # a flip or crop applied to one but not the other would break this
     assert padded  # some crops came from images scaled below the crop size
 
@@ -167,6 +182,7 @@ def test_training_crops_transform_image_and_mask_together(cityscapes):
     item = flipped.datasets["train"][0]
     assert (item["mask"].numpy() == LABEL_ID_TO_TRAIN_ID[scene()][:, ::-1]).all()
     assert (train_ids_from_colour(to_rgb(item["image"])) == item["mask"].numpy()).all()
+    assert torch.equal(item["image"], as_float(np.ascontiguousarray(photo_of(scene())[:, ::-1])))
 
     # Colour jitter touches the image only.
     jittered = datamodule(cityscapes, color_jitter=0.2, flip_prob=0, scale_range=(1, 1), crop_size=(60, 80))
@@ -174,6 +190,7 @@ def test_training_crops_transform_image_and_mask_together(cityscapes):
     item = jittered.datasets["train"][0]
     assert (item["mask"].numpy() == LABEL_ID_TO_TRAIN_ID[scene()]).all()
     assert not np.allclose(to_rgb(item["image"]), photo_of(scene()), atol=2)
+    assert_unit_range(item["image"])
 
 
 def test_image_without_label_file_is_named_at_setup(cityscapes):
@@ -263,6 +280,7 @@ def test_predict_over_a_folder_or_the_test_split(cityscapes, tmp_path_factory):
     batch = next(iter(dm.predict_dataloader()))
     assert set(batch) == {"image", "path"} and batch["image"].shape == (2, 3, 30, 50)
     assert [p.rsplit("/", 1)[1] for p in batch["path"]] == ["b.jpg", "a.png"]
+    assert torch.equal(batch["image"][1], as_float(np.full((30, 50, 3), (1, 2, 3), np.uint8)))  # a.png, lossless
     dm = datamodule(cityscapes)
     dm.setup("predict")
     batches = list(dm.predict_dataloader())

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.common import DatasetError
+from datamodules.common import DatasetError, read_rgb
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.quickstart import CLASSIFICATION_CLASSES, write_classification
 
@@ -35,16 +35,24 @@ def datamodule(root, **kwargs):
                                             **kwargs})
 
 
-def test_folder_layout_gives_normalised_batches_with_sorted_labels(imagenet):
+def test_folder_layout_gives_unit_range_batches_with_sorted_labels(imagenet):
     dm = datamodule(imagenet)
     assert dm.classes == list(WNIDS) and dm.num_classes == 2
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == torch.float32
     assert batch["label"].tolist() == [0, 0]
-    # Class 1 images are red: after ImageNet normalisation the red channel is well above zero.
-    red = next(b for b in dm.val_dataloader() if b["label"][0] == 1)["image"][:, 0]
-    assert red.mean() > 1.5
+    # Not normalised (the model does that): float32 in [0, 1], exactly the uint8 value / 255.
+    for b in (batch, next(iter(dm.train_dataloader()))):
+        image = b["image"]
+        assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+        assert torch.equal((image * 255).round() / 255, image)
+    # Class 1 images are red. They decode to one colour, so resize and crop keep it: every pixel is it / 255.
+    red = next(b for b in dm.val_dataloader() if b["label"][0] == 1)
+    colour = read_rgb(red["path"][0])[0, 0]
+    assert colour[0] > 250
+    expected = torch.tensor(colour, dtype=torch.float32).div(255)[:, None, None].expand(3, 32, 32)
+    assert torch.equal(red["image"][0], expected)
 
 
 def test_official_flat_validation_folder_with_ground_truth(imagenet, tmp_path_factory):
