@@ -8,6 +8,7 @@ earlier ones and ``--print_config`` shows the merged run.
 from __future__ import annotations
 
 import lightning as L
+import timm
 from lightning.pytorch.cli import LightningCLI
 
 from fishnet_pl.callbacks import PredictionWriter
@@ -20,6 +21,19 @@ class FishNetCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.add_argument("--predict_dir", type=str | None, default=None,
                             help="predict: folder for the prediction files (default <default_root_dir>/predictions)")
+
+    def before_instantiate_classes(self) -> None:
+        # Input size and evaluation resize are the backbone's (timm's pretrained_cfg), unless the config sets them.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data = config.get("data") or {}
+        init = data.get("init_args") if hasattr(data, "get") else None
+        if init is None or "image_size" not in init:
+            return
+        cfg = timm.get_pretrained_cfg(config["model"]["backbone"].split(".")[0])
+        if cfg is not None and init["image_size"] is None:
+            init["image_size"] = cfg.input_size[-1]
+        if cfg is not None and init.get("val_resize") is None:
+            init["val_resize"] = round(init["image_size"] / cfg.crop_pct)
 
     def before_predict(self) -> None:
         # Not a model hyper-parameter: with --ckpt_path, LightningCLI takes those from the checkpoint.

@@ -1,4 +1,8 @@
-"""``FishNetModule``: one LightningModule for every task, the head chosen by configuration."""
+"""``FishNetModule``: one LightningModule for every task, the head chosen by configuration.
+
+The head builds the task's plain network (a timm classifier, an smp model, a torchvision detector),
+which owns its backbone, any timm model by name; the module holds that network and runs the loop.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from fishnet_pl.callbacks import LastCheckpoint, PredictionWriter, RNGStateCheckpoint
-from fishnet_pl.models import create_backbone
-from fishnet_pl.models.weights import load_backbone_weights
+from fishnet_pl.models.registry import check_backbone_name
+from fishnet_pl.models.weights import CKPT_BACKBONE_KEY, freeze, keep_frozen_norms_in_eval, load_backbone_weights
 from fishnet_pl.tasks.base import TaskHead
 from fishnet_pl.tasks.classification import ClassificationHead
 
@@ -22,16 +26,18 @@ log = logging.getLogger(__name__)
 
 
 class FishNetModule(L.LightningModule):
-    """A FishNet backbone plus a task head, trained with SGD or AdamW.
+    """A task network on any timm backbone (FishNet by default), trained with SGD or AdamW.
 
     Args:
         head: the task (``ClassificationHead``, ``SegmentationHead``, ``DetectionHead``).
-        backbone: registered backbone name (``fishnet_pl.list_backbones()``).
+        backbone: a timm model name: a FishNet (``fishnet150``, ...) or any other (``resnet50``, ...).
         num_classes: classes of the task (linked from ``data.num_classes`` by the CLI).
-        backbone_weights: start the backbone from a file: an official FishNet ``.tar`` or one of
-            our Lightning ``.ckpt`` files (any task); the classifier is dropped when it differs.
+        backbone_weights: start the backbone from a file: an official FishNet ``.tar``, a timm or
+            torchvision checkpoint of that architecture, or one of our ``.ckpt`` files (any task);
+            the classifier is dropped when it differs.
         in_channels: input image channels.
-        frozen_stages: freeze the first N backbone stages (stem, tail.0-2, bridge, body.0-2, head.0-2).
+        frozen_stages: freeze the backbone's first N stages (timm's coarse groups: FishNet's stem,
+            tail.0-2, bridge, body.0-2, head.0-2; ResNet's stem, layer1-4).
         freeze_bn: keep every backbone BatchNorm in eval mode with frozen affine parameters.
         unfreeze_at_epoch: with ``frozen_stages``, unfreeze the backbone at this epoch (0 = never).
         grad_checkpointing: recompute backbone activations in backward to save memory.
@@ -72,20 +78,38 @@ class FishNetModule(L.LightningModule):
         head = _as_head(head)
         self.save_hyperparameters(ignore=["head"])
         self.hparams["head"] = head.config()  # plain values: load_from_checkpoint rebuilds the head
-        self.backbone = create_backbone(
-            backbone, in_channels=in_channels, frozen_stages=frozen_stages, freeze_bn=freeze_bn,
-            grad_checkpointing=grad_checkpointing, **head.backbone_kwargs(num_classes))
-        if backbone_weights:
-            load_backbone_weights(self.backbone, backbone_weights)
+        check_backbone_name(backbone)
         self.head = head
-        self.head.build(self.backbone, num_classes)
+        self.network = head.build(backbone, num_classes, in_channels)
+        if backbone_weights:
+            load_backbone_weights(self.backbone, backbone, backbone_weights)
+        freeze(self.backbone, backbone, frozen_stages, freeze_bn)
+        if grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The timm backbone inside the task network (the classifier itself for classification)."""
+        return self.network.get_submodule(self.head.backbone_path)
 
     def forward(self, images: Any) -> Any:
-        return self.head(self.backbone, images)
+        return self.head(self.network, images)
+
+    def train(self, mode: bool = True) -> FishNetModule:
+        """Like ``nn.Module.train``; frozen BatchNorms (frozen stages, ``freeze_bn``) stay in eval mode."""
+        super().train(mode)
+        if mode:
+            keep_frozen_norms_in_eval(self.backbone)
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Where the backbone sits, so --model.backbone_weights can start any task from this file.
+        prefix = f"network.{self.head.backbone_path}." if self.head.backbone_path else "network."
+        checkpoint[CKPT_BACKBONE_KEY] = {"name": self.hparams.backbone, "prefix": prefix}
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, logs = self.head.training_step(self.backbone, batch)
+        loss, logs = self.head.training_step(self.network, batch)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, batch_size=_batch_size(batch))
         return loss
 
@@ -96,7 +120,7 @@ class FishNetModule(L.LightningModule):
         self._evaluation_step(batch, "test")
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:
-        logs = self.head.evaluation_step(self.backbone, batch, stage)
+        logs = self.head.evaluation_step(self.network, batch, stage)
         self.log_dict(logs, prog_bar=True, on_step=False, on_epoch=True, batch_size=_batch_size(batch),
                       sync_dist=True)
 
@@ -112,14 +136,13 @@ class FishNetModule(L.LightningModule):
             self.log_dict(logs, sync_dist=False)  # already reduced over processes by the metrics
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
-        return self.head.predict_step(self.backbone, batch)
+        return self.head.predict_step(self.network, batch)
 
     def on_train_epoch_start(self) -> None:
         if self.hparams.unfreeze_at_epoch and self.current_epoch == self.hparams.unfreeze_at_epoch:
-            self.backbone.frozen_stages = 0
             self.backbone.requires_grad_(True)
-            self.backbone._apply_freezing()  # keeps freeze_bn
-            self.backbone.train()
+            freeze(self.backbone, self.hparams.backbone, 0, self.hparams.freeze_bn)  # keeps freeze_bn
+            self.train()
             log.info("epoch %d: backbone unfrozen", self.current_epoch)
 
     def setup(self, stage: str) -> None:
@@ -135,8 +158,10 @@ class FishNetModule(L.LightningModule):
         hp = self.hparams
         lr = hp.lr if hp.lr is not None else (0.1 if hp.optimizer == "sgd" else 1e-3) * self._global_batch() / 256
         # Frozen parameters join the optimizer too, so unfreezing later needs no new optimizer.
-        groups = [{"params": list(self.backbone.parameters()), "lr": lr * hp.backbone_lr_mult},
-                  {"params": [p for n, p in self.named_parameters() if not n.startswith("backbone.")], "lr": lr}]
+        backbone = list(self.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        groups = [{"params": backbone, "lr": lr * hp.backbone_lr_mult},
+                  {"params": [p for p in self.parameters() if id(p) not in ids], "lr": lr}]
         groups = [g for g in groups if g["params"]]
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)

@@ -1,5 +1,5 @@
-"""Detection and instance segmentation: Faster / Mask R-CNN with FPN on FishNet, COCO evaluation,
-and the quickstart through the CLI (fit, validate on 1 and 2 processes, predict)."""
+"""Detection and instance segmentation: torchvision's Faster / Mask R-CNN with an FPN on timm backbones,
+COCO evaluation, and the quickstart through the CLI (fit, validate on 1 and 3 processes, predict)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 
 from datamodules.coco import COCODataModule
-from fishnet_pl import DetectionHead, FishNetModule
-from fishnet_pl.tasks.detection import FishNetFPN, coco_evaluate, write_coco_results
+from fishnet_pl import DetectionHead, FishNetModule, SegmentationHead
+from fishnet_pl.models.weights import CKPT_BACKBONE_KEY
+from fishnet_pl.tasks.detection import TimmBackboneWithFPN, coco_evaluate, write_coco_results
 
 from .conftest import CONFIGS, csv_logger, run_cli, run_cli_subprocess
 
@@ -25,8 +27,8 @@ SMALL_HEAD = {"fpn_channels": 32, "anchor_sizes": (16, 32, 64, 128, 256), "min_s
               "representation_size": 64, "mask_head_channels": 16, "box_batch_size_per_image": 32}
 
 
-def small_detector(detector: str) -> FishNetModule:
-    return FishNetModule(head=DetectionHead(detector, **SMALL_HEAD), backbone="fishnet_tiny", num_classes=3)
+def small_detector(detector: str = "maskrcnn", backbone: str = "fishnet_tiny", **kwargs) -> FishNetModule:
+    return FishNetModule(head=DetectionHead(detector, **SMALL_HEAD), backbone=backbone, num_classes=3, **kwargs)
 
 
 def toy_batch() -> dict:
@@ -39,15 +41,25 @@ def toy_batch() -> dict:
     return {"images": [torch.rand(3, 96, 128)], "targets": [target], "paths": ["a.jpg"]}
 
 
-def test_fpn_feeds_fishnet_maps_at_strides_4_to_64_without_a_second_copy_of_the_backbone():
+def test_fpn_feeds_fishnet_maps_at_strides_4_to_64_and_the_backbone_lives_once_under_network_backbone_body():
     model = small_detector("maskrcnn")
-    fpn = model.head.model.backbone
-    assert isinstance(fpn, FishNetFPN) and fpn.body is model.backbone
-    # Every backbone weight is in the state dict once, under backbone.; the FPN holds only its own.
-    keys = list(model.state_dict())
-    assert not [k for k in keys if k.startswith("head.") and ".body." in k]
-    assert sum(p.numel() for p in model.parameters()) == (
-        sum(p.numel() for p in model.backbone.parameters()) + sum(p.numel() for p in model.head.parameters()))
+    assert isinstance(model.network, MaskRCNN)
+    fpn = model.network.backbone
+    assert isinstance(fpn, TimmBackboneWithFPN) and fpn.body is model.backbone
+    assert fpn.body.feature_info.reduction() == [4, 8, 16, 32]
+    # Every weight is in the state dict once, under network.; the backbone's under network.backbone.body.
+    state = model.state_dict()
+    assert all(k.startswith("network.") for k in state)
+    assert {k for k in state if k.startswith("network.backbone.body.")} == {
+        f"network.backbone.body.{k}" for k in model.backbone.state_dict()}
+    pointers = [v.data_ptr() for v in state.values() if v.numel()]
+    assert len(pointers) == len(set(pointers)), "a tensor is stored twice"
+    assert {id(p) for p in model.parameters()} == {id(p) for p in model.network.parameters()}
+    assert {id(p) for p in model.backbone.parameters()} <= {id(p) for p in fpn.parameters()}
+    # Normalisation is torchvision's, with the backbone's mean and std.
+    cfg = model.backbone.pretrained_cfg
+    assert model.network.transform.image_mean == list(cfg["mean"])
+    assert model.network.transform.image_std == list(cfg["std"])
     maps = fpn(torch.randn(1, 3, 128, 192))
     assert list(maps) == ["0", "1", "2", "3", "pool"]
     assert [tuple(m.shape[-2:]) for m in maps.values()] == [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]
@@ -57,11 +69,27 @@ def test_fpn_feeds_fishnet_maps_at_strides_4_to_64_without_a_second_copy_of_the_
 @pytest.mark.parametrize("detector", ["fasterrcnn", "maskrcnn"])
 def test_train_step_gives_every_loss_and_eval_gives_torchvision_detections(detector):
     model = small_detector(detector)
-    loss, logs = model.head.training_step(model.backbone, toy_batch())
+    assert isinstance(model.network, MaskRCNN if detector == "maskrcnn" else FasterRCNN)
+    loss, logs = model.head.training_step(model.network, toy_batch())
     expected = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     assert expected | ({"loss_mask"} if detector == "maskrcnn" else set()) <= set(logs)
     loss.backward()
-    assert model.backbone.stem.conv1[0].weight.grad is not None  # the backbone trains through the FPN
+    assert model.backbone.model.stem.conv1[0].weight.grad is not None  # the backbone trains through the FPN
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 96, 128)])
+    assert {"boxes", "labels", "scores"} <= set(out) and ("masks" in out) == (detector == "maskrcnn")
+
+
+@pytest.mark.parametrize("detector", ["fasterrcnn", "maskrcnn"])
+def test_a_resnet18_detector_trains_one_step_and_detects(detector):
+    model = small_detector(detector, backbone="resnet18").train()
+    assert model.backbone is model.network.backbone.body
+    assert model.backbone.feature_info.reduction() == [4, 8, 16, 32]
+    loss, logs = model.head.training_step(model.network, toy_batch())
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in logs.values())
+    loss.backward()
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
         (out,) = model([torch.rand(3, 96, 128)])
@@ -73,14 +101,45 @@ def test_mask_rcnn_refuses_targets_without_masks():
     del batch["targets"][0]["masks"]
     model = small_detector("maskrcnn")
     with pytest.raises(ValueError, match="with_masks"):
-        model.head.training_step(model.backbone, batch)
+        model.head.training_step(model.network, batch)
 
 
-def test_frozen_stages_and_frozen_batchnorm_reach_the_detection_backbone():
-    model = FishNetModule(head=DetectionHead(**SMALL_HEAD), backbone="fishnet_tiny", num_classes=3,
-                          frozen_stages=2, freeze_bn=True).train()
-    assert not any(p.requires_grad for p in model.backbone.stem.parameters())
+@pytest.mark.parametrize("backbone, frozen, trained", [("fishnet_tiny", ("stem", "tail.0"), "tail.1"),
+                                                      ("resnet18", ("conv1", "layer1"), "layer2")])
+def test_frozen_stages_and_frozen_batchnorm_reach_the_detection_backbone(backbone, frozen, trained):
+    model = small_detector(backbone=backbone, frozen_stages=2, freeze_bn=True).train()
+    inner = model.backbone.model if backbone.startswith("fishnet") else model.backbone
+    for name in frozen:
+        assert not any(p.requires_grad for p in inner.get_submodule(name).parameters()), name
+    convs = [m for m in inner.get_submodule(trained).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(p.requires_grad for m in convs for p in m.parameters())
     assert all(not m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(p.requires_grad for p in model.network.backbone.fpn.parameters())
+    assert all(p.requires_grad for p in model.network.roi_heads.parameters())
+    # Frozen BatchNorm statistics do not move in a training step.
+    bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    model.head.training_step(model.network, toy_batch())[0].backward()
+    assert torch.equal(bn.running_mean, before)
+
+
+@pytest.mark.parametrize("backbone, other", [("fishnet_tiny", "resnet18"), ("resnet18", "fishnet_tiny")])
+def test_backbone_weights_start_a_detector_from_a_segmentation_checkpoint(tmp_path, backbone, other):
+    segmenter = FishNetModule(head=SegmentationHead(), backbone=backbone, num_classes=4)
+    ckpt = {"state_dict": segmenter.state_dict()}
+    segmenter.on_save_checkpoint(ckpt)
+    path = tmp_path / "segmentation.ckpt"
+    torch.save(ckpt, path)
+    model = small_detector(backbone=backbone, backbone_weights=str(path))
+    theirs, ours = segmenter.backbone.state_dict(), model.backbone.state_dict()
+    assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    # A detection checkpoint names its backbone and prefix too; another backbone is refused by name.
+    ckpt = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+    assert ckpt[CKPT_BACKBONE_KEY] == {"name": backbone, "prefix": "network.backbone.body."}
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=f"its backbone is '{backbone}'"):
+        small_detector(backbone=other, backbone_weights=str(path))
 
 
 def _evaluate_file(annotation_file: Path, results_file: Path, iou_type: str) -> list[float]:
@@ -99,7 +158,7 @@ def test_evaluation_matches_pycocotools_on_the_annotation_file_and_writes_a_load
     dm.prepare_data()
     dm.setup("validate")
     head = DetectionHead(**SMALL_HEAD)
-    head.build(FishNetModule(head=DetectionHead(**SMALL_HEAD), backbone="fishnet_tiny", num_classes=3).backbone, 3)
+    head.build("fishnet_tiny", dm.num_classes, 3)
     records = []
     for batch in dm.val_dataloader():
         for image, target in zip(batch["images"], batch["targets"]):

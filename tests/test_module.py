@@ -76,8 +76,31 @@ def test_mixup_and_cutmix_train_on_mixed_images_and_labels(mix):
     plain = FishNetModule(backbone="fishnet_tiny", num_classes=3).eval()  # eval: BN statistics stay fixed
     mixed = FishNetModule(head=ClassificationHead(**mix), backbone="fishnet_tiny", num_classes=3).eval()
     mixed.load_state_dict(plain.state_dict())
-    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])}
-    loss, _ = mixed.head.training_step(mixed.backbone, batch)
+    batch = {"image": torch.rand(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])}
+    loss, _ = mixed.head.training_step(mixed.network, batch)
     loss.backward()
     assert torch.isfinite(loss) and mixed.backbone.fc.weight.grad is not None
-    assert loss.item() != pytest.approx(plain.head.training_step(plain.backbone, batch)[0].item())
+    assert loss.item() != pytest.approx(plain.head.training_step(plain.network, batch)[0].item())
+
+
+@pytest.mark.parametrize("backbone", ["fishnet_tiny", "resnet18"])
+def test_classification_normalises_with_the_backbones_pretrained_cfg(backbone):
+    module = FishNetModule(backbone=backbone, num_classes=3).eval()
+    cfg = module.backbone.pretrained_cfg
+    images = torch.rand(2, 3, 64, 64)
+    expected = module.network((images - torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
+                              / torch.tensor(cfg["std"]).view(1, 3, 1, 1))
+    torch.testing.assert_close(module(images), expected)
+
+
+def test_frozen_stages_and_frozen_bn_work_on_any_timm_backbone():
+    module = FishNetModule(backbone="resnet18", num_classes=3, frozen_stages=2, freeze_bn=True).train()
+    frozen = {n for n, p in module.backbone.named_parameters() if not p.requires_grad}
+    assert "conv1.weight" in frozen and "layer1.0.conv1.weight" in frozen  # stem + layer1: timm's first 2 groups
+    assert "layer2.0.conv1.weight" not in frozen and "fc.weight" not in frozen
+    assert not module.backbone.layer3[0].bn1.training  # every BatchNorm keeps its statistics
+    before = module.backbone.bn1.running_mean.clone()
+    module(torch.rand(2, 3, 64, 64))
+    torch.testing.assert_close(module.backbone.bn1.running_mean, before)
+    with pytest.raises(ValueError, match="frozen_stages must be in 0..5 for resnet18"):
+        FishNetModule(backbone="resnet18", num_classes=3, frozen_stages=6)

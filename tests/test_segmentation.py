@@ -1,13 +1,17 @@
-"""FishNet as an smp encoder, and the segmentation head: decoders, padding, sliding windows, TTA, weights."""
+"""FishNet in smp through smp's timm-universal encoder (``tu-fishnet_tiny``), and the segmentation head:
+the smp network owning the module's backbone, decoders, padding, sliding windows, TTA, losses, weights."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import segmentation_models_pytorch as smp
 import torch
+from PIL import Image
 
 import fishnet_pl
 from fishnet_pl import FishNetModule, SegmentationHead
+from fishnet_pl.tasks.segmentation import default_palette, input_multiple
 
 from .models.conftest import official_random_state_dict
 
@@ -16,85 +20,122 @@ ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV
                  "UPerNet", "Segformer")
 
 
+# ---------------------------------------------------------------------- FishNet as smp's tu- encoder
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_smp_architecture_trains_on_a_fishnet_encoder_at_two_input_sizes(arch):
-    model = smp.create_model(arch, encoder_name="fishnet_tiny", encoder_weights=None, classes=5)
+def test_every_smp_architecture_trains_on_a_tu_fishnet_encoder_at_two_input_sizes(arch):
+    model = smp.create_model(arch, encoder_name="tu-fishnet_tiny", encoder_weights=None, classes=5)
     # PAN's pyramid attention halves its stride-16 input three more times: it needs larger images.
     sizes = ((128, 192), (192, 128)) if arch == "PAN" else ((64, 96), (96, 64))
+    first = model.encoder.model.model.stem.conv1[0].weight  # features_only wrapper -> the FishNet
     for h, w in sizes:
         model.zero_grad()
         out = model(torch.randn(2, 3, h, w))
         assert out.shape == (2, 5, h, w)
         out.square().mean().backward()
-        assert model.encoder.stem.conv1[0].weight.grad.abs().sum() > 0
-
-
-def test_every_variant_is_an_smp_encoder_with_fishnet_keys():
-    names = set(smp.encoders.get_encoder_names())
-    assert set(fishnet_pl.list_backbones()) <= names
-    encoder = smp.encoders.get_encoder("fishnet150")
-    assert encoder.out_channels == [3, 64, 320, 832, 1600, 2112]
-    assert set(encoder.state_dict()) == set(fishnet_pl.fishnet150(features_only=True).state_dict())
+        assert first.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("depth", [3, 4, 5])
-def test_depth_gives_the_input_and_maps_down_to_stride_2_to_the_depth(depth):
-    encoder = smp.encoders.get_encoder("fishnet_tiny", depth=depth)
+def test_encoder_depth_gives_the_input_and_maps_down_to_stride_2_to_the_depth(depth):
+    encoder = smp.encoders.get_encoder("tu-fishnet_tiny", depth=depth)
     maps = encoder(torch.randn(1, 3, 64, 96))
     assert [m.shape[-1] for m in maps] == [96 // 2**i for i in range(depth + 1)]
     assert [m.shape[1] for m in maps] == encoder.out_channels
+    # A FishNet's tail always runs down to its output stride: inputs stay multiples of 32 at any depth.
+    assert input_multiple(encoder.model) == 32
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+@pytest.mark.parametrize("arch", ["Unet", "FPN", "DeepLabV3Plus"])
+def test_shallow_encoder_depths_build_and_run_with_several_decoders(arch, depth):
+    kwargs = {"decoder_channels": (64, 32, 16, 8)[:depth]} if arch == "Unet" else {}
+    if arch == "FPN":  # smp's FPN reads its finest level at stride 2 ** (depth - 3): upsample that much
+        kwargs["upsampling"] = 2 ** (depth - 3)
+    model = smp.create_model(arch, encoder_name="tu-fishnet_tiny", encoder_weights=None, encoder_depth=depth,
+                             classes=3, **kwargs)
+    assert len(model.encoder.out_channels) == depth + 1
+    assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 3, 64, 96)
+
+
+def test_input_multiple_is_the_coarsest_stride_a_backbone_computes():
+    assert input_multiple(smp.encoders.get_encoder("tu-resnet18", depth=3).model) == 8  # timm truncates ResNet
+    assert input_multiple(smp.encoders.get_encoder("tu-resnet18", depth=5).model) == 32
+    assert input_multiple(smp.encoders.get_encoder("tu-fishnet_tiny", output_stride=16).model) == 16
 
 
 @pytest.mark.parametrize("in_channels", [1, 4])
 def test_other_input_channels(in_channels):
-    model = smp.create_model("FPN", encoder_name="fishnet_tiny", encoder_weights=None, in_channels=in_channels,
+    model = smp.create_model("FPN", encoder_name="tu-fishnet_tiny", encoder_weights=None, in_channels=in_channels,
                              classes=2)
     assert model(torch.randn(1, in_channels, 64, 64)).shape == (1, 2, 64, 64)
     assert model.encoder.out_channels[0] == in_channels
+    module = FishNetModule(head=SegmentationHead(), backbone="fishnet_tiny", num_classes=2, in_channels=in_channels)
+    with torch.no_grad():
+        assert module.eval()(torch.rand(1, in_channels, 40, 50)).shape == (1, 2, 40, 50)
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])
 def test_dilated_output_stride_keeps_every_later_map_at_that_stride(output_stride):
-    encoder = smp.encoders.get_encoder("fishnet_tiny", output_stride=output_stride)
+    encoder = smp.encoders.get_encoder("tu-fishnet_tiny", output_stride=output_stride)
     maps = encoder(torch.randn(1, 3, 64, 64))
     assert [64 // m.shape[-1] for m in maps] == [min(2**i, output_stride) for i in range(6)]
-    model = smp.create_model("DeepLabV3Plus", encoder_name="fishnet_tiny", encoder_weights=None, classes=3,
+    model = smp.create_model("DeepLabV3Plus", encoder_name="tu-fishnet_tiny", encoder_weights=None, classes=3,
                              encoder_output_stride=output_stride)
-    assert model.encoder.output_stride == output_stride and model.eval()(torch.randn(1, 3, 64, 64)).shape[-1] == 64
+    assert model.encoder.model.model.output_stride == output_stride
+    assert model.eval()(torch.randn(1, 3, 64, 64)).shape[-1] == 64
 
 
-def test_encoder_loads_official_weights_from_a_local_file(tmp_path):
+def test_backbone_weights_load_official_weights_into_the_segmentation_backbone(tmp_path):
     path = tmp_path / "fishnet99_ckpt.tar"
     torch.save({"state_dict": official_random_state_dict("fishnet99")}, path)  # keys hold "module."
-    model = smp.create_model("FPN", encoder_name="fishnet99", encoder_weights=None, classes=19)
-    dropped = model.encoder.load_weights(path)
-    assert dropped  # the score layers
+    model = FishNetModule(head=SegmentationHead(), backbone="fishnet99", num_classes=19, backbone_weights=str(path))
     reference = fishnet_pl.fishnet99()
     fishnet_pl.load_official_weights(reference, path)
-    ours = model.encoder.state_dict()
-    assert all(torch.equal(v, ours[k]) for k, v in reference.state_dict().items() if k in ours)
+    ours = model.network.encoder.model.model.state_dict()
+    shared = [k for k in reference.state_dict() if k in ours]
+    assert len(shared) > 100 and "stem.conv1.0.weight" in shared
+    assert all(torch.equal(reference.state_dict()[k], ours[k]) for k in shared)
 
 
 # ---------------------------------------------------------------------- the head in FishNetModule
-def segmenter(**head) -> FishNetModule:
-    return FishNetModule(head=SegmentationHead(**head), backbone="fishnet_tiny", num_classes=4)
+def segmenter(backbone: str = "fishnet_tiny", **head) -> FishNetModule:
+    return FishNetModule(head=SegmentationHead(**head), backbone=backbone, num_classes=4)
 
 
-def test_the_decoder_reads_the_modules_backbone_and_holds_no_copy_of_it():
+def test_the_network_is_an_smp_model_owning_the_modules_backbone_once():
     model = segmenter(decoder="Unet")
-    assert model.head.model.encoder.fishnet is model.backbone
-    assert not [k for k in model.state_dict() if k.startswith("head.model.encoder")]
-    x = torch.randn(1, 3, 64, 64)
+    assert isinstance(model.network, smp.Unet) and model.network.encoder.model is model.backbone
+    assert {id(p) for p in model.backbone.parameters()} <= {id(p) for p in model.network.encoder.parameters()}
+    assert {id(p) for p in model.parameters()} == {id(p) for p in model.network.parameters()}
+    state = model.state_dict()
+    assert all(k.startswith("network.") for k in state)
+    pointers = [v.data_ptr() for v in state.values() if v.numel()]
+    assert len(pointers) == len(set(pointers)), "a tensor is stored twice"
+    x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         before = model(x)
-        model.backbone.stem.conv1[0].weight.mul_(2)
+        model.backbone.model.stem.conv1[0].weight.mul_(2)
         assert not torch.allclose(before, model(x))
 
 
+def test_checkpoint_records_where_the_backbone_sits():
+    model = segmenter()
+    ckpt = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+    info = ckpt["fishnet_pl_backbone"]
+    assert info == {"name": "fishnet_tiny", "prefix": "network.encoder.model."}
+    backbone = {k[len(info["prefix"]):] for k in ckpt["state_dict"] if k.startswith(info["prefix"])}
+    assert backbone == set(model.backbone.state_dict())
+
+
 def test_decoders_with_an_output_stride_get_smps_default_and_others_refuse_one():
-    assert segmenter(decoder="DeepLabV3").backbone.output_stride == 8
-    assert segmenter(decoder="DeepLabV3Plus").backbone.output_stride == 16
-    assert segmenter(decoder="DeepLabV3Plus", output_stride=8).backbone.output_stride == 8
+    def stride(model):
+        return model.backbone.model.output_stride
+
+    assert stride(segmenter(decoder="DeepLabV3")) == 8
+    assert stride(segmenter(decoder="DeepLabV3Plus")) == 16
+    model = segmenter(decoder="DeepLabV3Plus", output_stride=8)
+    assert stride(model) == 8 and model.head.pad_multiple == 8
     with pytest.raises(ValueError, match="output stride 32"):
         SegmentationHead(decoder="FPN", output_stride=16)
     with pytest.raises(ValueError, match="unknown smp decoder 'Fpnn'"):
@@ -103,35 +144,62 @@ def test_decoders_with_an_output_stride_get_smps_default_and_others_refuse_one()
         SegmentationHead(decoder="DPT")
 
 
-def test_sizes_that_are_not_multiples_of_32_are_padded_and_cropped_back():
-    model = segmenter().eval()
-    image = torch.randn(1, 3, 70, 100)
+@pytest.mark.parametrize("decoder, depth", [("FPN", 5), ("Unet", 3)])
+def test_sizes_that_are_not_multiples_of_32_are_padded_and_cropped_back(decoder, depth):
+    kwargs = {"decoder_channels": (32, 16, 8)} if depth == 3 else {}
+    model = segmenter(decoder=decoder, encoder_depth=depth, decoder_kwargs=kwargs).eval()
+    assert model.head.pad_multiple == 32  # FishNet: its output stride, even at depth 3
+    image = torch.rand(1, 3, 70, 100)
     with torch.no_grad():
         logits = model(image)
-        padded = model.head.model(torch.nn.functional.pad(image, (0, 28, 0, 26)))
+        # Padded with zeros after normalisation (the mean colour), then cropped.
+        padded = model.network(torch.nn.functional.pad(model.head.normalize(image), (0, 28, 0, 26)))
     assert logits.shape == (1, 4, 70, 100)
     torch.testing.assert_close(logits, padded[..., :70, :100])
 
 
+# smp's FPN (upsampling=4) and PSPNet (upsampling=8) assume their default encoder depth (5 and 3); the head
+# scales their up-sampling to the depth it uses, so the logits always come out at the input's size.
+@pytest.mark.parametrize("decoder, depth", [
+    ("FPN", 5), ("Unet", 3), ("DeepLabV3Plus", 4), ("UPerNet", 4), ("FPN", 3), ("FPN", 4), ("PSPNet", 5),
+    ("PSPNet", 3)])
+def test_the_network_predicts_at_the_padded_input_size_at_every_encoder_depth(decoder, depth):
+    kwargs = {"decoder_channels": (64, 32, 16, 8, 4)[:depth]} if decoder == "Unet" else {}
+    model = segmenter(decoder=decoder, encoder_depth=depth, decoder_kwargs=kwargs).eval()
+    with torch.no_grad():
+        assert model.network(torch.rand(1, 3, 64, 96)).shape[-2:] == (64, 96)
+        assert model(torch.rand(1, 3, 50, 70)).shape == (1, 4, 50, 70)
+
+
+def test_inputs_are_normalised_with_the_backbones_mean_and_std():
+    model = segmenter().eval()
+    cfg = model.backbone.pretrained_cfg
+    image = torch.rand(1, 3, 64, 64)
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), model.network((image - mean) / std))
+
+
 def test_sliding_window_covering_the_image_is_whole_image_inference_and_smaller_windows_cover_every_pixel():
     model = segmenter().eval()
-    image = torch.randn(1, 3, 64, 96)
+    head, network = model.head, model.network
+    image = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
-        whole = model.head.predict_probabilities(image)
-        model.head.eval_mode, model.head.window = "slide", (64, 96)
-        torch.testing.assert_close(model.head.predict_probabilities(image), whole)
-        model.head.window, model.head.window_overlap = (32, 64), 0.5
-        slid = model.head.predict_probabilities(image)
+        whole = head.predict_probabilities(network, image)
+        head.eval_mode, head.window = "slide", (64, 96)
+        torch.testing.assert_close(head.predict_probabilities(network, image), whole)
+        head.window, head.window_overlap = (32, 64), 0.5
+        slid = head.predict_probabilities(network, image)
     assert slid.shape == whole.shape and torch.allclose(slid.sum(1), torch.ones(1, 64, 96))
 
 
 def test_flip_and_multiscale_tta_average_probabilities_at_the_input_size():
     model = segmenter(eval_flip=True, eval_scales=(0.5, 1.0, 1.5)).eval()
-    image = torch.randn(1, 3, 64, 64)
+    image = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        probs = model.head.predict_probabilities(image)
+        probs = model.head.predict_probabilities(model.network, image)
         # Flip TTA is symmetric: the mirrored image gets the mirrored prediction.
-        mirrored = model.head.predict_probabilities(image.flip(-1))
+        mirrored = model.head.predict_probabilities(model.network, image.flip(-1))
     torch.testing.assert_close(mirrored, probs.flip(-1), atol=1e-5, rtol=1e-4)
     assert torch.allclose(probs.sum(1), torch.ones(1, 64, 64))
 
@@ -141,9 +209,34 @@ def test_loss_ignores_unlabelled_pixels_and_adds_dice_or_lovasz(losses):
     model = segmenter(**losses)
     mask = torch.randint(0, 4, (2, 64, 64))
     mask[:, :32] = 255
-    loss, logs = model.head.training_step(model.backbone, {"image": torch.randn(2, 3, 64, 64), "mask": mask})
+    loss, logs = model.head.training_step(model.network, {"image": torch.rand(2, 3, 64, 64), "mask": mask})
     assert torch.isfinite(loss) and set(losses) <= {f"{k}_weight" for k in logs}
     loss.backward()
+    assert model.backbone.model.stem.conv1[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("decoder", ["FPN", "DeepLabV3Plus"])
+def test_a_resnet18_segmenter_trains_one_step(decoder):
+    model = segmenter("resnet18", decoder=decoder).train()
+    assert model.head.pad_multiple == (16 if decoder == "DeepLabV3Plus" else 32)
+    batch = {"image": torch.rand(2, 3, 72, 88), "mask": torch.randint(0, 4, (2, 72, 88))}
+    loss, _ = model.head.training_step(model.network, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert model.eval()(batch["image"]).shape == (2, 4, 72, 88)
+
+
+def test_frozen_stages_and_frozen_batchnorm_reach_the_segmentation_backbone():
+    model = FishNetModule(head=SegmentationHead(), backbone="fishnet_tiny", num_classes=4, frozen_stages=2,
+                          freeze_bn=True).train()
+    fishnet = model.backbone.model
+    assert not any(p.requires_grad for p in fishnet.stem.parameters())
+    assert not any(p.requires_grad for p in fishnet.tail[0].parameters())
+    assert any(p.requires_grad for p in fishnet.tail[1].parameters())
+    assert all(not m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(p.requires_grad for p in model.network.decoder.parameters())
 
 
 def test_miou_is_over_the_classes_present_and_logged_per_class():
@@ -159,3 +252,22 @@ def test_miou_is_over_the_classes_present_and_logged_per_class():
     # road: 2 / 3, car: 1 / 2; sky and person appear nowhere: no IoU, not averaged.
     assert logs["val/iou_road"].item() == pytest.approx(2 / 3) and logs["val/iou_car"].item() == pytest.approx(0.5)
     assert "val/iou_sky" not in logs and logs["val/miou"].item() == pytest.approx((2 / 3 + 0.5) / 2)
+
+
+@pytest.mark.parametrize("palette", [None, [(128, 64, 128), (244, 35, 232), (70, 70, 70), (0, 0, 142)]])
+def test_predict_writes_palette_masks_and_overlays(tmp_path, palette):
+    model = segmenter().eval()
+    batch = {"image": torch.rand(2, 3, 40, 50), "path": ["x/a.png", "y/b.jpg"]}
+    with torch.no_grad():
+        records = model.predict_step(batch, 0)
+        expected = model(batch["image"]).argmax(1)
+    datamodule = type("DM", (), {"palette": palette})()
+    model.head.write_predictions(records, tmp_path, datamodule, first=True)
+    colours = np.asarray(palette or default_palette(4), np.uint8)
+    for stem, labels in zip(("a", "b"), expected):
+        mask = Image.open(tmp_path / f"{stem}_mask.png")
+        assert mask.mode == "P" and mask.size == (50, 40)
+        np.testing.assert_array_equal(np.asarray(mask), labels.numpy())
+        assert np.array_equal(np.asarray(mask.getpalette()[:12], np.uint8).reshape(4, 3), colours)
+        overlay = Image.open(tmp_path / f"{stem}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.size == (50, 40)

@@ -32,11 +32,11 @@ def test_fine_tuning_starts_from_the_classification_backbone_without_its_classif
     ckpt = torch.load(cwd / CLASSIFICATION_CKPT, weights_only=True)["state_dict"]
     model = FishNetModule(head=SegmentationHead(), backbone="fishnet_tiny", num_classes=19,
                           backbone_weights=str(cwd / CLASSIFICATION_CKPT))
-    ours = model.backbone.state_dict()
-    classifier = [k for k in ckpt if k.startswith(("backbone.fc.", "backbone.pre_logits."))]
-    assert classifier and not [k for k in ours if k.startswith(("fc.", "pre_logits."))]
-    assert all(torch.equal(ckpt[f"backbone.{k}"], v) for k, v in ours.items())
-    with pytest.raises(ValueError, match="do not match this backbone") as err:
+    ours = model.backbone.state_dict()  # timm's features_only FishNet, held by smp's encoder as .model
+    classifier = [k for k in ckpt if k.startswith(("network.fc.", "network.pre_logits."))]
+    assert classifier and not [k for k in ours if k.startswith(("model.fc.", "model.pre_logits."))]
+    assert all(torch.equal(ckpt[f"network.{k.removeprefix('model.')}"], v) for k, v in ours.items())
+    with pytest.raises(ValueError, match="its backbone is 'fishnet_tiny', not 'fishnet99'") as err:
         FishNetModule(head=SegmentationHead(), backbone="fishnet99", num_classes=19,
                       backbone_weights=str(cwd / CLASSIFICATION_CKPT))
     assert CLASSIFICATION_CKPT.split("/")[-1] in str(err.value)
@@ -79,5 +79,5 @@ def test_backbone_can_stay_frozen_for_the_first_epochs(classification_quickstart
                           backbone_weights=str(cwd / CLASSIFICATION_CKPT)).backbone.state_dict()
     for epochs, changed in (("1", False), ("2", True)):
         cli = run_cli([*args, "--trainer.max_epochs", epochs])
-        weight = cli.model.backbone.state_dict()["stem.conv1.0.weight"]
-        assert (not torch.equal(weight, start["stem.conv1.0.weight"])) == changed, epochs
+        weight = cli.model.backbone.state_dict()["model.stem.conv1.0.weight"]
+        assert (not torch.equal(weight, start["model.stem.conv1.0.weight"])) == changed, epochs

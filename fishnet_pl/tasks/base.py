@@ -1,7 +1,9 @@
 """The interface between ``FishNetModule`` and a task: classification, segmentation, detection.
 
-A head owns its layers, its loss, its metrics and its post-processing. The module owns the
-backbone, the loop, the optimizer and schedule, logging and checkpoints. A head is configured by
+A head builds the task's plain network (which owns its backbone, any timm model) and owns the
+loss, metrics and post-processing; the module holds the network and owns the loop, the optimizer
+and schedule, logging and checkpoints. The head never holds the network as a sub-module (each
+weight lives once, under the module's ``network.``): its methods are handed it. A head is configured by
 plain constructor arguments (so LightningCLI can show and set them) and stores each under the
 same attribute name, so ``config()`` can rebuild it from a checkpoint.
 """
@@ -15,8 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fishnet_pl.models import FishNet
-
 
 class TaskHead(nn.Module):
     """Base class of task heads. Subclasses implement every method below that raises."""
@@ -24,24 +24,33 @@ class TaskHead(nn.Module):
     #: Metric that ModelCheckpoint watches (logged at validation epoch end), and its direction.
     monitor: str = "val/loss"
     monitor_mode: str = "min"
+    #: Where the timm backbone sits in the network ("" = the network is the backbone).
+    backbone_path: str = ""
 
-    def backbone_kwargs(self, num_classes: int) -> dict[str, Any]:
-        """Options this task needs from the FishNet constructor (e.g. ``features_only=True``)."""
+    def build(self, backbone: str, num_classes: int, in_chans: int) -> nn.Module:
+        """Create the network on the timm model ``backbone`` and the head's metrics; return the network."""
         raise NotImplementedError
 
-    def build(self, backbone: FishNet, num_classes: int) -> None:
-        """Create the head's layers and metrics from ``backbone.feature_info``."""
-        raise NotImplementedError
+    def set_normalization(self, backbone: nn.Module) -> None:
+        """Normalise inputs (float images in [0, 1]) with the backbone's ``pretrained_cfg`` mean and std."""
+        cfg = backbone.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, backbone: FishNet, images: Any) -> Any:
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] != self.mean.shape[1]:  # other input channels: one mean/std for all
+            return (images - self.mean.mean()) / self.std.mean()
+        return (images - self.mean) / self.std
+
+    def forward(self, network: nn.Module, images: Any) -> Any:
         """Inference output of the whole model for a batch of images."""
         raise NotImplementedError
 
-    def training_step(self, backbone: FishNet, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_step(self, network: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss to back-propagate and scalars to log (names without the ``train/`` prefix)."""
         raise NotImplementedError
 
-    def evaluation_step(self, backbone: FishNet, batch: dict, stage: str) -> dict[str, Any]:
+    def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> dict[str, Any]:
         """Update ``stage``'s metrics ("val" or "test"); return per-step scalars or Metric objects to log."""
         raise NotImplementedError
 
@@ -50,7 +59,7 @@ class TaskHead(nn.Module):
         resets what it computed. ``trainer`` gives ``log_dir`` and ``datamodule`` for result files."""
         return {}
 
-    def predict_step(self, backbone: FishNet, batch: dict) -> list[dict[str, Any]]:
+    def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
         """One record per input image (plain values and CPU tensors)."""
         raise NotImplementedError
 

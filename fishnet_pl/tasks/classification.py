@@ -1,4 +1,5 @@
-"""Image classification: the FishNet score layer, cross-entropy, top-1/top-5 accuracy."""
+"""Image classification: the timm classifier itself (FishNet's score layer for FishNet), cross-entropy,
+top-1/top-5 accuracy."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from fishnet_pl.models import FishNet
+from fishnet_pl.models.registry import create_backbone
 from fishnet_pl.tasks.base import TaskHead
 
 
 class ClassificationHead(TaskHead):
-    """FishNet's own score layer (BN-ReLU-1x1-BN-ReLU, pool, 1x1) trained with cross-entropy.
+    """The backbone's own classifier (FishNet's: BN-ReLU-1x1-BN-ReLU, pool, 1x1) trained with cross-entropy.
+
+    Batches: ``image`` float [B, C, H, W] in [0, 1] (normalised here with the backbone's mean and std),
+    ``label`` int64 [B].
 
     Args:
         label_smoothing: cross-entropy label smoothing (0 = the authors' recipe).
@@ -35,10 +40,9 @@ class ClassificationHead(TaskHead):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing, self.mixup_alpha, self.cutmix_alpha = label_smoothing, mixup_alpha, cutmix_alpha
 
-    def backbone_kwargs(self, num_classes: int) -> dict[str, Any]:
-        return {"num_classes": num_classes}
-
-    def build(self, backbone: FishNet, num_classes: int) -> None:
+    def build(self, backbone: str, num_classes: int, in_chans: int) -> nn.Module:
+        network = create_backbone(backbone, num_classes=num_classes, in_chans=in_chans)
+        self.set_normalization(network)
         self.num_classes = num_classes
         mixes = [cls(alpha=a, num_classes=num_classes)
                  for cls, a in ((v2.MixUp, self.mixup_alpha), (v2.CutMix, self.cutmix_alpha)) if a > 0]
@@ -49,26 +53,27 @@ class ClassificationHead(TaskHead):
             f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro")})
         self.metrics = torch.nn.ModuleDict({"val": metrics.clone(prefix="val/"),
                                             "test": metrics.clone(prefix="test/")})
+        return network
 
-    def forward(self, backbone: FishNet, images: torch.Tensor) -> torch.Tensor:
-        return backbone(images)
+    def forward(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return network(self.normalize(images))
 
-    def training_step(self, backbone: FishNet, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_step(self, network: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, labels = batch["image"], batch["label"]
         if self.mix is not None:
             images, labels = self.mix(images, labels)  # labels become class probabilities
-        logits = backbone(images)
+        logits = self(network, images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return loss, {"loss": loss}
 
-    def evaluation_step(self, backbone: FishNet, batch: dict, stage: str) -> dict[str, Any]:
-        logits = backbone(batch["image"])
+    def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> dict[str, Any]:
+        logits = self(network, batch["image"])
         metrics = self.metrics[stage]
         metrics.update(logits, batch["label"])
         return {f"{stage}/loss": F.cross_entropy(logits, batch["label"]), **metrics}
 
-    def predict_step(self, backbone: FishNet, batch: dict) -> list[dict[str, Any]]:
-        probs = backbone(batch["image"]).softmax(dim=1)
+    def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
+        probs = self(network, batch["image"]).softmax(dim=1)
         scores, classes = probs.topk(min(5, probs.shape[1]), dim=1)
         return [{"path": path, "classes": c.tolist(), "scores": s.tolist()}
                 for path, c, s in zip(batch["path"], classes.cpu(), scores.cpu())]

@@ -1,10 +1,10 @@
-"""Object detection and instance segmentation: torchvision's Faster / Mask R-CNN on FishNet with an FPN.
+"""Object detection and instance segmentation: torchvision's Faster / Mask R-CNN with an FPN on any timm backbone.
 
 FishNet's best maps at strides 4-32 are the last body map and the three head maps, which come out of
-cross-stage concatenations rather than top-level children, so torchvision's ``IntermediateLayerGetter``
-cannot pick them. ``FishNetFPN`` runs ``forward_features`` instead and feeds the maps that
-``feature_info`` describes to torchvision's ``FeaturePyramidNetwork``; the detector around it is
-torchvision's own, composed, not subclassed.
+cross-stage concatenations rather than top-level children, so torchvision's ``BackboneWithFPN`` (and its
+``IntermediateLayerGetter``) cannot pick them. ``TimmBackboneWithFPN`` is its counterpart over timm's
+``features_only`` model (which extracts FishNet's maps through ``forward_intermediates``); the detector
+around it is torchvision's own, composed, not subclassed.
 
 Evaluation is pycocotools' ``COCOeval`` (AP, AP50, AP75, APs/m/l for boxes and masks) over every
 validation image exactly once, also under DDP, where the distributed sampler repeats images to even
@@ -37,7 +37,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from fishnet_pl.models import FishNet
+from fishnet_pl.models.registry import create_backbone
 from fishnet_pl.tasks.base import TaskHead
 
 log = logging.getLogger(__name__)
@@ -50,42 +50,36 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40))
 
 
-class FishNetFPN(nn.Module):
-    """FishNet's stride 4, 8, 16, 32 maps through a feature pyramid: a backbone for torchvision's detectors.
-
-    Returns an ``OrderedDict`` of ``out_channels``-channel maps ``"0".."3"`` (strides 4-32) and ``"pool"``
-    (stride 64, a max-pool of ``"3"``), the names torchvision's default RoI poolers and anchors expect.
-    The FishNet is held but not registered as a sub-module: ``FishNetModule`` owns it, so the state dict
-    holds each of its weights once (under ``backbone.``), and only the FPN is this module's own.
+class TimmBackboneWithFPN(nn.Module):
+    """A timm backbone's stride 4, 8, 16, 32 maps through a feature pyramid: torchvision's ``BackboneWithFPN``
+    for any timm model. Owns ``body`` (timm ``features_only``) and ``fpn``; returns an ``OrderedDict`` of
+    ``out_channels``-channel maps ``"0".."3"`` (strides 4-32) and ``"pool"`` (stride 64), the names
+    torchvision's default RoI poolers and anchors expect.
     """
 
-    def __init__(self, backbone: FishNet, out_channels: int = 256):
+    def __init__(self, backbone: str, out_channels: int = 256, in_chans: int = 3):
         super().__init__()
-        info = backbone.feature_info
-        last_with = {f["reduction"]: i for i, f in enumerate(info)}  # the richest (last) map of each stride
+        with torch.device("meta"):
+            info = create_backbone(backbone, features_only=True).feature_info
+        last_with = {r: i for i, r in enumerate(info.reduction())}  # the richest (last) map of each stride
         if any(r not in last_with for r in FPN_REDUCTIONS):
-            raise ValueError(f"the FPN needs backbone maps at strides {FPN_REDUCTIONS}, the backbone gives "
-                             f"{[f['reduction'] for f in info]} (use output_stride 32 for detection)")
-        self.map_indices = [last_with[r] for r in FPN_REDUCTIONS]
-        self.fpn = FeaturePyramidNetwork([info[i]["num_chs"] for i in self.map_indices], out_channels,
+            raise ValueError(f"the FPN needs backbone maps at strides {FPN_REDUCTIONS}, {backbone} gives "
+                             f"{info.reduction()}")
+        self.body = create_backbone(backbone, features_only=True, in_chans=in_chans,
+                                    out_indices=tuple(last_with[r] for r in FPN_REDUCTIONS))
+        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), out_channels,
                                          extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
-        self.bind(backbone)
-
-    def bind(self, backbone: FishNet) -> None:
-        """Use ``backbone`` for the next forward passes (held by reference, not registered)."""
-        object.__setattr__(self, "body", backbone)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        maps = self.body.forward_features(x)
-        return self.fpn(OrderedDict((str(k), maps[i]) for k, i in enumerate(self.map_indices)))
+        return self.fpn(OrderedDict((str(k), m) for k, m in enumerate(self.body(x))))
 
 
 class DetectionHead(TaskHead):
-    """Faster R-CNN (boxes) or Mask R-CNN (boxes and instance masks) from torchvision on FishNet + FPN.
+    """Faster R-CNN (boxes) or Mask R-CNN (boxes and instance masks) from torchvision on a timm backbone + FPN.
 
     Batches follow torchvision's detection format (``COCODataModule``): ``images`` a list of float
-    [3, H, W] in 0..1 (the detector resizes them and normalises with the ImageNet statistics),
+    [3, H, W] in 0..1 (the detector resizes them and normalises with the backbone's mean and std),
     ``targets`` a list of dicts with ``boxes`` (xyxy pixels), ``labels`` (1..K, 0 is background),
     ``masks`` (uint8 [N, H, W], Mask R-CNN), ``image_id``, ``iscrowd`` and ``area`` (evaluation).
     ``num_classes`` is K, without the background; the detector gets K + 1.
@@ -116,6 +110,7 @@ class DetectionHead(TaskHead):
 
     monitor = "val/bbox_ap"
     monitor_mode = "max"
+    backbone_path = "backbone.body"
 
     def __init__(
         self,
@@ -164,20 +159,19 @@ class DetectionHead(TaskHead):
     def iou_types(self) -> tuple[str, ...]:
         return ("bbox", "segm") if self.with_masks else ("bbox",)
 
-    def backbone_kwargs(self, num_classes: int) -> dict[str, Any]:
-        return {"features_only": True}
-
-    def build(self, backbone: FishNet, num_classes: int) -> None:
+    def build(self, backbone: str, num_classes: int, in_chans: int) -> nn.Module:
         if num_classes < 1:
             raise ValueError(f"num_classes (object categories, background excluded) must be >= 1, got {num_classes}")
         self.num_classes = num_classes
-        fpn = FishNetFPN(backbone, self.fpn_channels)
+        fpn = TimmBackboneWithFPN(backbone, self.fpn_channels, in_chans)
+        cfg = fpn.body.pretrained_cfg
         classes = num_classes + 1  # + background
         anchors = AnchorGenerator(tuple((s,) for s in self.anchor_sizes),
                                   (self.aspect_ratios,) * len(self.anchor_sizes))
         resolution = 7  # torchvision's default box RoI pooler output
         kwargs = dict(
-            min_size=self.min_size, max_size=self.max_size, rpn_anchor_generator=anchors,
+            min_size=self.min_size, max_size=self.max_size, image_mean=list(cfg["mean"]), image_std=list(cfg["std"]),
+            rpn_anchor_generator=anchors,
             box_head=TwoMLPHead(self.fpn_channels * resolution**2, self.representation_size),
             box_predictor=FastRCNNPredictor(self.representation_size, classes),
             box_score_thresh=self.box_score_thresh, box_nms_thresh=self.box_nms_thresh,
@@ -185,22 +179,17 @@ class DetectionHead(TaskHead):
             box_batch_size_per_image=self.box_batch_size_per_image)
         if self.with_masks:
             layers = (self.mask_head_channels,) * 4
-            self.model = MaskRCNN(fpn, mask_head=MaskRCNNHeads(self.fpn_channels, layers, 1),
-                                  mask_predictor=MaskRCNNPredictor(layers[-1], layers[-1], classes), **kwargs)
-        else:
-            self.model = FasterRCNN(fpn, **kwargs)
-
-    def _detector(self, backbone: FishNet) -> FasterRCNN:
-        self.model.backbone.bind(backbone)  # the backbone passed in is the one that runs
-        return self.model
+            return MaskRCNN(fpn, mask_head=MaskRCNNHeads(self.fpn_channels, layers, 1),
+                            mask_predictor=MaskRCNNPredictor(layers[-1], layers[-1], classes), **kwargs)
+        return FasterRCNN(fpn, **kwargs)
 
     # ------------------------------------------------------------------ steps
-    def forward(self, backbone: FishNet, images: list[torch.Tensor] | torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    def forward(self, network: nn.Module, images: list[torch.Tensor] | torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """torchvision's detections per image: ``boxes`` (xyxy, input pixels), ``labels``, ``scores``
         and, for Mask R-CNN, ``masks`` (float [N, 1, H, W] probabilities)."""
-        return self._detector(backbone)(list(images))
+        return network(list(images))
 
-    def training_step(self, backbone: FishNet, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_step(self, network: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         targets = []
         for target in batch["targets"]:
             if self.with_masks and "masks" not in target:
@@ -208,12 +197,12 @@ class DetectionHead(TaskHead):
                                  "datamodule's with_masks=true, or use detector=fasterrcnn")
             keys = ("boxes", "labels", "masks") if self.with_masks else ("boxes", "labels")
             targets.append({k: target[k] for k in keys})
-        losses = self._detector(backbone)(list(batch["images"]), targets)
+        losses = network(list(batch["images"]), targets)
         loss = sum(losses.values())
         return loss, {"loss": loss, **losses}
 
-    def evaluation_step(self, backbone: FishNet, batch: dict, stage: str) -> dict[str, Any]:
-        outputs = self._detector(backbone)(list(batch["images"]))
+    def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> dict[str, Any]:
+        outputs = network(list(batch["images"]))
         records = self._evaluated.setdefault(stage, [])
         for image, target, output in zip(batch["images"], batch["targets"], outputs):
             records.append(self._record(image.shape[-2:], target, output))
@@ -256,8 +245,8 @@ class DetectionHead(TaskHead):
         return {name: torch.tensor(value, dtype=torch.float32) for name, value in metrics.items()}
 
     # ------------------------------------------------------------------ predict
-    def predict_step(self, backbone: FishNet, batch: dict) -> list[dict[str, Any]]:
-        outputs = self._detector(backbone)(list(batch["images"]))
+    def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
+        outputs = network(list(batch["images"]))
         image_ids = batch.get("image_ids")
         records = []
         for i, (image, path, output) in enumerate(zip(batch["images"], batch["paths"], outputs)):

@@ -1,9 +1,9 @@
-"""Semantic segmentation: any segmentation-models-pytorch decoder on the FishNet backbone.
+"""Semantic segmentation: any segmentation-models-pytorch decoder on any timm backbone.
 
-The decoder is smp's own model built around the module's backbone (``bound_encoder_name``), so
-smp's decoders, heads and initialisation are used as they are and the backbone's weights live
-once, under ``backbone.``. Images of any size are padded to a multiple of 32 for the network and
-the prediction cropped back, in training, validation, test and predict alike.
+The network is smp's own model with smp's timm-universal encoder (``encoder_name="tu-fishnet150"``,
+``"tu-resnet50"``, ...), which owns the timm ``features_only`` backbone as ``encoder.model``. Images of
+any size are padded to a multiple of the backbone's stride and the prediction cropped back, in
+training, validation, test and predict alike.
 """
 
 from __future__ import annotations
@@ -20,17 +20,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from segmentation_models_pytorch.base import SegmentationModel
+from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from datamodules.common import IMAGENET_MEAN, IMAGENET_STD
-from fishnet_pl.models import FishNet
-from fishnet_pl.models.smp_encoder import bound_encoder_name
+from fishnet_pl.models.fishnet import FishNet
 from fishnet_pl.tasks.base import TaskHead
 
 log = logging.getLogger(__name__)
 
-# Inputs are padded to a multiple of this: FishNet's tail always halves the input five times.
-PAD_MULTIPLE = 32
+
+def input_multiple(backbone: nn.Module) -> int:
+    """What input sides must be a multiple of: the coarsest stride the backbone computes. A FishNet's
+    tail always runs down to its output stride, even when the decoder reads only finer maps."""
+    inner = getattr(backbone, "model", backbone)
+    return inner.output_stride if isinstance(inner, FishNet) else max(backbone.feature_info.reduction())
 
 
 def smp_architectures() -> dict[str, type[SegmentationModel]]:
@@ -40,9 +43,10 @@ def smp_architectures() -> dict[str, type[SegmentationModel]]:
 
 
 class SegmentationHead(TaskHead):
-    """An smp decoder (FPN, Unet, DeepLabV3+, UPerNet, ...) on FishNet, trained with cross-entropy.
+    """An smp decoder (FPN, Unet, DeepLabV3+, UPerNet, ...) on any timm backbone, trained with cross-entropy.
 
-    Batches: ``image`` normalised float [B, 3, H, W] (any size), ``mask`` int64 [B, H, W] class ids
+    Batches: ``image`` float [B, C, H, W] in [0, 1] (any size; normalised here with the backbone's
+    mean and std), ``mask`` int64 [B, H, W] class ids
     with ``ignore_index`` for unlabelled pixels. Validation and test log ``{stage}/miou`` (mean IoU
     over the classes present in the ground truth or the predictions) and ``{stage}/iou_<class>``
     for each such class, from torchmetrics' Jaccard index over all processes.
@@ -68,6 +72,7 @@ class SegmentationHead(TaskHead):
 
     monitor = "val/miou"
     monitor_mode = "max"
+    backbone_path = "encoder.model"  # smp's TimmUniversalEncoder holds the timm model as .model
 
     def __init__(
         self,
@@ -90,7 +95,7 @@ class SegmentationHead(TaskHead):
             names = sorted(c.__name__ for c in archs.values())
             raise ValueError(f"unknown smp decoder {decoder!r}; choose from {names}")
         if decoder.lower() == "dpt":
-            raise ValueError("smp's DPT takes only timm transformer encoders, not a convolutional FishNet")
+            raise ValueError("smp's DPT takes only timm transformer encoders, not a convolutional backbone")
         accepts_stride = "encoder_output_stride" in inspect.signature(archs[decoder.lower()]).parameters
         if output_stride is not None and output_stride != 32 and not accepts_stride:
             raise ValueError(f"{decoder} works at output stride 32; output_stride={output_stride} is for "
@@ -108,21 +113,22 @@ class SegmentationHead(TaskHead):
         self.eval_flip, self.eval_scales = eval_flip, tuple(eval_scales)
         self._arch, self._accepts_stride = archs[decoder.lower()], accepts_stride
 
-    def backbone_kwargs(self, num_classes: int) -> dict[str, Any]:
-        stride = self.output_stride
-        if stride is None:  # smp's default for this decoder
-            param = inspect.signature(self._arch).parameters.get("encoder_output_stride")
-            stride = param.default if param is not None else 32
-        return {"features_only": True, "output_stride": stride}
-
-    def build(self, backbone: FishNet, num_classes: int) -> None:
+    def build(self, backbone: str, num_classes: int, in_chans: int) -> nn.Module:
         self.num_classes = num_classes
-        kwargs = dict(encoder_weights=None, encoder_depth=self.encoder_depth, in_channels=backbone.in_channels,
+        kwargs = dict(encoder_weights=None, encoder_depth=self.encoder_depth, in_channels=in_chans,
                       classes=num_classes, **self.decoder_kwargs)
         if self._accepts_stride:
-            kwargs["encoder_output_stride"] = backbone.output_stride
-        with bound_encoder_name(backbone) as name:
-            self.model = self._arch(encoder_name=name, **kwargs)
+            kwargs["encoder_output_stride"] = self.output_stride or inspect.signature(
+                self._arch).parameters["encoder_output_stride"].default
+        # smp's FPN and PSPNet up-sample their output by a constant tuned to their default depth: scale it
+        # to this depth, so the logits come out at the input's size.
+        if self._arch is smp.FPN and "upsampling" not in self.decoder_kwargs:
+            kwargs["upsampling"] = 2 ** (self.encoder_depth - 3)
+        if self._arch is smp.PSPNet and "upsampling" not in self.decoder_kwargs:
+            kwargs["upsampling"] = 2**self.encoder_depth
+        network = self._arch(encoder_name=f"tu-{backbone}", **kwargs)
+        self.set_normalization(network.encoder.model)
+        self.pad_multiple = input_multiple(network.encoder.model)
         self.dice = smp.losses.DiceLoss("multiclass", ignore_index=self.ignore_index) if self.dice_weight else None
         self.lovasz = (smp.losses.LovaszLoss("multiclass", ignore_index=self.ignore_index)
                        if self.lovasz_weight else None)
@@ -130,20 +136,27 @@ class SegmentationHead(TaskHead):
         iou = MulticlassJaccardIndex(num_classes, average="none", ignore_index=self.ignore_index,
                                      zero_division=float("nan"))
         self.iou = torch.nn.ModuleDict({"val": iou, "test": iou.clone()})
+        return network
 
     # ------------------------------------------------------------------ inference
-    def forward(self, backbone: FishNet, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Class logits [B, K, H, W] at the input's size (whole image, no test-time augmentation)."""
-        return self._logits(images)
+        return self._logits(network, images)
 
-    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+    def _logits(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]
-        ph, pw = math.ceil(h / PAD_MULTIPLE) * PAD_MULTIPLE, math.ceil(w / PAD_MULTIPLE) * PAD_MULTIPLE
+        m = self.pad_multiple
+        ph, pw = math.ceil(h / m) * m, math.ceil(w / m) * m
+        images = self.normalize(images)
         if (ph, pw) != (h, w):
             images = F.pad(images, (0, pw - w, 0, ph - h))  # zeros: the mean colour after normalisation
-        return self.model(images)[..., :h, :w]
+        logits = network(images)
+        if logits.shape[-2:] != (ph, pw):
+            raise ValueError(f"{self.decoder} at encoder depth {self.encoder_depth} gives logits of size "
+                             f"{tuple(logits.shape[-2:])} for a {ph}x{pw} input; set its upsampling in decoder_kwargs")
+        return logits[..., :h, :w]
 
-    def _slide_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def _slide_logits(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Average the logits of overlapping windows covering the image (windows shrink to small images)."""
         h, w = images.shape[-2:]
         wh, ww = min(self.window[0], h), min(self.window[1], w)
@@ -156,11 +169,12 @@ class SegmentationHead(TaskHead):
         count = images.new_zeros(1, 1, h, w)
         for top in tops:
             for left in lefts:
-                total[..., top:top + wh, left:left + ww] += self._logits(images[..., top:top + wh, left:left + ww])
+                total[..., top:top + wh, left:left + ww] += self._logits(
+                    network, images[..., top:top + wh, left:left + ww])
                 count[..., top:top + wh, left:left + ww] += 1
         return total / count
 
-    def predict_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+    def predict_probabilities(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities [B, K, H, W] with the configured evaluation: whole or sliding window,
         averaged over ``eval_scales`` and, with ``eval_flip``, the mirrored image."""
         h, w = images.shape[-2:]
@@ -170,7 +184,7 @@ class SegmentationHead(TaskHead):
             scaled = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear",
                                                              align_corners=False)
             for flip in (False, True) if self.eval_flip else (False,):
-                logits = infer(scaled.flip(-1) if flip else scaled)
+                logits = infer(network, scaled.flip(-1) if flip else scaled)
                 logits = logits.flip(-1) if flip else logits
                 if logits.shape[-2:] != (h, w):
                     logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
@@ -178,8 +192,8 @@ class SegmentationHead(TaskHead):
         return probs / (len(self.eval_scales) * (2 if self.eval_flip else 1))
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, backbone: FishNet, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits, mask = self._logits(batch["image"]), batch["mask"]
+    def training_step(self, network: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, mask = self._logits(network, batch["image"]), batch["mask"]
         logs = {"ce": F.cross_entropy(logits, mask, ignore_index=self.ignore_index)}
         if self.dice is not None:
             logs["dice"] = self.dice(logits, mask)
@@ -188,8 +202,8 @@ class SegmentationHead(TaskHead):
         loss = logs["ce"] + self.dice_weight * logs.get("dice", 0) + self.lovasz_weight * logs.get("lovasz", 0)
         return loss, {"loss": loss, **logs}
 
-    def evaluation_step(self, backbone: FishNet, batch: dict, stage: str) -> dict[str, Any]:
-        self.iou[stage].update(self.predict_probabilities(batch["image"]).argmax(dim=1), batch["mask"])
+    def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> dict[str, Any]:
+        self.iou[stage].update(self.predict_probabilities(network, batch["image"]).argmax(dim=1), batch["mask"])
         return {}
 
     def evaluation_epoch_end(self, stage: str, trainer: Any) -> dict[str, torch.Tensor]:
@@ -207,10 +221,9 @@ class SegmentationHead(TaskHead):
         return logs
 
     # ------------------------------------------------------------------ predict
-    def predict_step(self, backbone: FishNet, batch: dict) -> list[dict[str, Any]]:
-        labels = self.predict_probabilities(batch["image"]).argmax(dim=1).to(torch.uint8).cpu().numpy()
-        mean, std = (batch["image"].new_tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-        pixels = ((batch["image"] * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
+        labels = self.predict_probabilities(network, batch["image"]).argmax(dim=1).to(torch.uint8).cpu().numpy()
+        pixels = (batch["image"] * 255).round().clamp(0, 255).to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
         return [{"path": path, "labels": m, "image": p} for path, m, p in zip(batch["path"], labels, pixels)]
 
