@@ -29,6 +29,7 @@ def cpu_model() -> str:
 
 def machine_info(device: torch.device | None = None) -> dict:
     """CPU, cores, threads, library versions and (for CUDA) the GPU: what a reader needs to compare runs."""
+    import timm
     import torchvision
 
     info = {
@@ -39,6 +40,7 @@ def machine_info(device: torch.device | None = None) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
+        "timm": timm.__version__,  # builds every model of bench.backbones
         "torchvision": torchvision.__version__,
         "device": str(device) if device is not None else "cpu",
         # Runnable processes averaged over 1 minute: above the core count, other work shared the cores.

@@ -1,4 +1,4 @@
-"""Speed, peak memory and multiply-adds of FishNet against torchvision's ResNets, in one process and one run.
+"""Speed, peak memory and multiply-adds of FishNet against reference CNNs, in one process and one run.
 
     python -m bench.backbones                                   # or: make bench
     python -m bench.backbones --models fishnet150,resnet50 --modes eager,bf16 --device cuda
@@ -8,6 +8,10 @@ an inference forward at one batch and input size, and measures one step's peak m
 images/s drift on a shared machine; the headline is each model's ratio to the baseline (ResNet-50),
 measured in the same process with the models taking turns step by step, so a change of load hits all
 alike. ``--profile`` prints the ops that dominate one eager training step of each model.
+
+Every model, FishNet and reference alike, is built by the same factory, ``fishnet_pl.create_backbone``
+(= ``timm.create_model``), randomly initialised: the references are timm's ResNet-50/101, ResNeXt-50
+(32x4d) and DenseNet-161, and any other timm model name works too.
 """
 
 from __future__ import annotations
@@ -23,18 +27,21 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fishnet_pl
 from bench import RESULTS_DIR, machine_info, markdown_table, write_json
 
-DEFAULT_MODELS = ("fishnet99", "fishnet150", "fishnet201", "resnet50", "resnet101")
+REFERENCE_MODELS = ("resnet50", "resnet101", "resnext50_32x4d", "densenet161")
+DEFAULT_MODELS = ("fishnet99", "fishnet150", "fishnet201", *REFERENCE_MODELS)
 MODES = ("eager", "channels_last", "bf16", "compile")
 # Multiply-adds at 224x224 as quoted (as "FLOPs"): FishNet's by its paper (Sun et al. 2018), ResNets' as
-# the FishNet paper and torchvision quote them (He et al.'s own Table 1 says 3.8 and 7.6, counting differently).
-PUBLISHED_GMACS = {"fishnet99": 4.31, "fishnet150": 6.45, "fishnet201": 10.58, "resnet50": 4.1, "resnet101": 7.8}
+# the FishNet paper and torchvision quote them (He et al.'s own Table 1 says 3.8 and 7.6, counting differently),
+# ResNeXt-50's and DenseNet-161's as torchvision quotes them for the same architectures as timm's (the
+# ResNeXt paper, Xie et al. 2017, Table 1: 4.2; the DenseNet paper gives no number for DenseNet-161).
+PUBLISHED_GMACS = {"fishnet99": 4.31, "fishnet150": 6.45, "fishnet201": 10.58, "resnet50": 4.1, "resnet101": 7.8,
+                   "resnext50_32x4d": 4.23, "densenet161": 7.73}
 PEAK_MEMORY_MEANS = {
     "cuda": "peak bytes of tensors allocated during one step above those live before it "
             "(torch.cuda.max_memory_allocated minus memory_allocated): activations, gradients, temporaries; "
@@ -44,7 +51,8 @@ PEAK_MEMORY_MEANS = {
            "temporaries; weights and optimizer state excluded. Not the process RSS, which also holds "
            "allocator caches and oneDNN scratch buffers",
 }
-# Per device; the CPU ones keep the default run within about 5 minutes on 2 cores. One CPU thread: on a
+# Per device; the CPU ones kept the default run within about 5 minutes on 2 cores with FishNet-99/150/201 and
+# ResNet-50/101 (ResNeXt-50 and DenseNet-161 add about a third more multiply-adds; not re-timed). One CPU thread: on a
 # shared machine a multi-threaded op stalls whenever one of its threads is descheduled, which made
 # 2-thread runs there swing by 5x from step to step, while 1-thread ratios held within ~10%.
 DEFAULTS = {"cpu": {"batch_size": 8, "image_size": 128, "steps": 3, "warmup": 1, "threads": 1},
@@ -54,25 +62,19 @@ DEFAULTS = {"cpu": {"batch_size": 8, "image_size": 128, "steps": 3, "warmup": 1,
 DEFAULT_MODES = {"cpu": ("eager", "channels_last", "bf16"), "cuda": MODES}
 
 
-def classification_models() -> list[str]:
-    """Every name ``build_model`` accepts: registered FishNets and torchvision classifiers."""
-    return sorted({*fishnet_pl.list_backbones(), *torchvision.models.list_models(module=torchvision.models)})
-
-
 def check_model_name(name: str) -> None:
     """Raise, naming the closest known names, unless ``build_model`` knows ``name``."""
-    if name not in classification_models():
-        close = difflib.get_close_matches(name, classification_models(), n=3)
+    known = fishnet_pl.list_backbones()  # every timm model, FishNet's variants among them
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
         raise ValueError(f"unknown model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-                         + " (a FishNet from fishnet_pl.list_backbones() or a torchvision classifier)")
+                         + " (any timm model name, FishNet's variants among them: fishnet_pl.list_backbones())")
 
 
 def build_model(name: str, num_classes: int = 1000) -> nn.Module:
-    """A FishNet from the registry or a torchvision classifier, randomly initialised."""
+    """``name`` from timm's registry through ``fishnet_pl.create_backbone``, randomly initialised."""
     check_model_name(name)
-    if name in fishnet_pl.list_backbones():
-        return fishnet_pl.create_backbone(name, num_classes=num_classes)
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    return fishnet_pl.create_backbone(name, pretrained=False, num_classes=num_classes)
 
 
 def count_macs(name: str, image_size: int = 224) -> int:
@@ -313,7 +315,7 @@ def _csv(text: str) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.backbones", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=_csv, default=list(DEFAULT_MODELS),
-                        help="comma-separated FishNet registry names or torchvision classifiers "
+                        help="comma-separated timm model names, FishNet's variants among them "
                              f"(default: {','.join(DEFAULT_MODELS)})")
     parser.add_argument("--modes", type=_csv, help=f"comma-separated, from {', '.join(MODES)} (default: all on "
                                                    "CUDA; on CPU all but compile, which takes minutes per model)")
@@ -422,8 +424,8 @@ def report(payload: dict) -> str:
         f"## Backbones: batch {s['batch_size']}, {s['image_size']}x{s['image_size']}, {m['device']} ({device})",
         "",
         f"{m['cores']} cores, {m['torch_threads']} torch threads, {m['cpu_capability']}; torch {m['torch']}, "
-        f"torchvision {m['torchvision']}, Python {m['python']}. Fastest of >= {s['steps']} timed steps after "
-        f"{s['warmup']} warm-up; {payload['wall_s']:.0f} s of measuring.",
+        f"timm {m.get('timm', '?')}, torchvision {m['torchvision']}, Python {m['python']}. "
+        f"Fastest of >= {s['steps']} timed steps after {s['warmup']} warm-up; {payload['wall_s']:.0f} s of measuring.",
         "",
         *_load_warning(m),
         f"Ratios are to {s['baseline']} in the same mode and run (the headline: absolute images/s drift on "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
 import torch
 import torchvision
 
@@ -23,7 +24,7 @@ def test_backbone_bench_writes_throughput_ratios_memory_and_machine(tmp_path, ca
 
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(payload))
-    assert {"cpu", "cores", "torch", "torchvision", "device"} <= saved["machine"].keys()
+    assert {"cpu", "cores", "torch", "timm", "torchvision", "device"} <= saved["machine"].keys()
     assert saved["machine"]["torch_threads"] == 1
     assert saved["settings"]["batch_size"] == 2 and saved["settings"]["image_size"] == 64
     assert "profiler" in saved["settings"]["peak_memory"]  # says what "peak memory" means on CPU
@@ -41,6 +42,36 @@ def test_backbone_bench_writes_throughput_ratios_memory_and_machine(tmp_path, ca
 
     printed = capsys.readouterr().out
     assert "| fishnet_tiny | channels_last |" in printed and "| resnet50 | 25.56 | 4.09 | 4.10 | -0.3% |" in printed
+
+
+def test_the_added_references_resnext50_and_densenet161_can_be_selected_and_measured(tmp_path, capsys):
+    assert {"resnet50", "resnet101", "resnext50_32x4d", "densenet161"} <= set(backbones.DEFAULT_MODELS)
+    # One as the baseline, so no third model is measured; 32x32 keeps DenseNet-161's steps short.
+    payload = backbones.main(["--models", "densenet161", "--baseline", "resnext50_32x4d", "--modes", "eager", *TINY,
+                              "--image-size", "32", "--json", str(tmp_path / "b.json")])
+    rows = {row["model"]: row for row in payload["results"]}
+    assert list(rows) == ["densenet161", "resnext50_32x4d"]
+    for name in rows:
+        for part in ("train", "infer"):
+            result = rows[name][part]
+            assert result["images_per_s"] > 0 and result["peak_memory_mb"] > 0, (name, part)
+            assert result["vs_baseline"] > 0 and result["macs_per_s_vs_baseline"] > 0, (name, part)
+        flops = payload["flops"][name]
+        assert flops["gmacs_224"] == pytest.approx(flops["published_gmacs_224"], rel=0.01)
+    printed = capsys.readouterr().out
+    assert "| densenet161 | eager |" in printed and "| resnext50_32x4d | 25.03 | 4.23 | 4.23 |" in printed
+
+
+def test_every_model_comes_from_the_same_timm_factory(monkeypatch):
+    built = []
+    create = backbones.fishnet_pl.create_backbone
+    monkeypatch.setattr(backbones.fishnet_pl, "create_backbone",
+                        lambda name, **kwargs: built.append(name) or create(name, **kwargs))
+    with torch.device("meta"):
+        models = {name: backbones.build_model(name) for name in ("fishnet_tiny", "resnet50", "densenet161")}
+    assert built == list(models)
+    assert isinstance(models["resnet50"], timm.models.ResNet)
+    assert isinstance(models["densenet161"], timm.models.DenseNet)
 
 
 def test_a_failing_model_is_reported_in_its_row_and_the_run_goes_on(tmp_path, capsys):
@@ -63,9 +94,13 @@ def test_unknown_model_or_mode_stops_before_measuring_and_names_the_close_match(
 
 
 def test_mac_counter_agrees_with_torchvision_and_the_fishnet_paper():
-    # torchvision documents ResNet-50 at 4.089 GFLOPS, meaning multiply-adds, as the counter's FLOPs / 2.
-    resnet50 = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["_ops"]
-    assert backbones.count_macs("resnet50") / 1e9 == pytest.approx(resnet50, rel=0.001)
+    # torchvision documents ResNet-50 at 4.089 GFLOPS, meaning multiply-adds, as the counter's FLOPs / 2; timm's
+    # ResNet-50, ResNeXt-50 and DenseNet-161 (concatenations and all) are the same networks as torchvision's.
+    weights = {"resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+               "resnext50_32x4d": torchvision.models.ResNeXt50_32X4D_Weights.IMAGENET1K_V1,
+               "densenet161": torchvision.models.DenseNet161_Weights.IMAGENET1K_V1}
+    for name, weight in weights.items():
+        assert backbones.count_macs(name) / 1e9 == pytest.approx(weight.meta["_ops"], rel=0.001), name
     # The paper's 6.45G for FishNet-150 counts a little more than convolutions; within 3%.
     assert backbones.count_macs("fishnet150") / 1e9 == pytest.approx(backbones.PUBLISHED_GMACS["fishnet150"], rel=0.03)
 
