@@ -23,7 +23,8 @@ from fishnet_pl.models import (  # noqa: F401
 )
 
 _LAZY = {"FishNetModule": "fishnet_pl.module", "TaskHead": "fishnet_pl.tasks", "ClassificationHead": "fishnet_pl.tasks",
-         "SegmentationHead": "fishnet_pl.tasks", "DetectionHead": "fishnet_pl.tasks"}
+         "SegmentationHead": "fishnet_pl.tasks", "DetectionHead": "fishnet_pl.tasks",
+         "load_network": "fishnet_pl.inference"}
 
 
 def __getattr__(name: str):

@@ -7,7 +7,6 @@ which owns its backbone, any timm model by name; the module holds that network a
 from __future__ import annotations
 
 import bisect
-import importlib
 import logging
 import math
 from typing import Any, Literal
@@ -18,9 +17,14 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from fishnet_pl.callbacks import LastCheckpoint, PredictionWriter, RNGStateCheckpoint
 from fishnet_pl.models.registry import check_backbone_name
-from fishnet_pl.models.weights import CKPT_BACKBONE_KEY, freeze, keep_frozen_norms_in_eval, load_backbone_weights
-from fishnet_pl.tasks.base import TaskHead
-from fishnet_pl.tasks.classification import ClassificationHead
+from fishnet_pl.models.weights import (
+    CKPT_BACKBONE_KEY,
+    CKPT_CLASS_NAMES_KEY,
+    freeze,
+    keep_frozen_norms_in_eval,
+    load_backbone_weights,
+)
+from fishnet_pl.tasks.base import TaskHead, as_head
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class FishNetModule(L.LightningModule):
         warmup_epochs: float = 0.0,
     ):
         super().__init__()
-        head = _as_head(head)
+        head = as_head(head)
         self.save_hyperparameters(ignore=["head"])
         self.hparams["head"] = head.config()  # plain values: load_from_checkpoint rebuilds the head
         check_backbone_name(backbone)
@@ -106,6 +110,10 @@ class FishNetModule(L.LightningModule):
         # Where the backbone sits, so --model.backbone_weights can start any task from this file.
         prefix = f"network.{self.head.backbone_path}." if self.head.backbone_path else "network."
         checkpoint[CKPT_BACKBONE_KEY] = {"name": self.hparams.backbone, "prefix": prefix}
+        # The dataset's class names, so fishnet_pl.load_network can label predictions without the datamodule.
+        names = _class_names(self)
+        if names is not None:
+            checkpoint[CKPT_CLASS_NAMES_KEY] = names
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -215,19 +223,20 @@ class LRFactor:
         return 1.0
 
 
-def _as_head(head: TaskHead | dict | None) -> TaskHead:
-    """A head instance from an instance, a ``{"class_path", "init_args"}`` dict, or None (classification)."""
-    if head is None:
-        return ClassificationHead()
-    if isinstance(head, TaskHead):
-        return head
-    if isinstance(head, dict) and "class_path" in head:
-        module, _, name = head["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name, None)
-        if not (isinstance(cls, type) and issubclass(cls, TaskHead)):
-            raise ValueError(f"head class_path {head['class_path']!r} is not a fishnet_pl TaskHead")
-        return cls(**head.get("init_args", {}))
-    raise TypeError(f"head must be a TaskHead or a class_path/init_args dict, got {type(head).__name__}")
+def _class_names(module: FishNetModule) -> list[str] | None:
+    """The datamodule's ``class_names`` (or ``classes``) when the module is attached to a trainer with one."""
+    trainer = getattr(module, "_trainer", None)  # the trainer property raises when unattached
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if datamodule is None:
+        return None
+    for attr in ("class_names", "classes"):
+        try:
+            names = getattr(datamodule, attr, None)
+        except Exception:  # e.g. a dataset folder that is not there (any more)
+            names = None
+        if names is not None:
+            return [str(n) for n in names]
+    return None
 
 
 def _batch_size(batch: dict) -> int:

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Key under which our Lightning checkpoints record where the backbone sits in the task network.
 CKPT_BACKBONE_KEY = "fishnet_pl_backbone"
+#: Key under which they store the datamodule's class names (absent when it had none).
+CKPT_CLASS_NAMES_KEY = "fishnet_pl_class_names"
 
 
 @functools.cache

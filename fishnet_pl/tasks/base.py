@@ -10,6 +10,7 @@ same attribute name, so ``config()`` can rebuild it from a checkpoint.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -74,3 +75,21 @@ class TaskHead(nn.Module):
         cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
                 "init_args": {name: getattr(self, name) for name in names}}
+
+
+def as_head(head: TaskHead | dict | None) -> TaskHead:
+    """A head instance from an instance, a ``{"class_path", "init_args"}`` dict (as ``config()`` gives and
+    checkpoints store), or None (classification). Needs no Lightning."""
+    if head is None:
+        from fishnet_pl.tasks.classification import ClassificationHead
+
+        return ClassificationHead()
+    if isinstance(head, TaskHead):
+        return head
+    if isinstance(head, dict) and "class_path" in head:
+        module, _, name = head["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None)
+        if not (isinstance(cls, type) and issubclass(cls, TaskHead)):
+            raise ValueError(f"head class_path {head['class_path']!r} is not a fishnet_pl TaskHead")
+        return cls(**head.get("init_args", {}))
+    raise TypeError(f"head must be a TaskHead or a class_path/init_args dict, got {type(head).__name__}")

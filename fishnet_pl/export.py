@@ -1,0 +1,173 @@
+"""``fishnet-pl export --ckpt_path CKPT --format onnx|pt2 --output FILE``: a trained model as ONNX or ``torch.export``.
+
+The exported graph takes float images in [0, 1] (RGB, the checkpoint's ``in_channels``) and includes the
+normalisation with the backbone's mean and std, so users feed raw [0, 1] images:
+
+- classification: ``images`` [B, C, H, W] -> ``logits`` [B, num_classes]; the batch is dynamic, H and W
+  are fixed to the export size (the backbone's ``pretrained_cfg`` input size unless ``--input_size``).
+- segmentation: ``images`` [B, C, H, W] -> ``logits`` [B, K, H, W]; batch, height and width are dynamic,
+  but H and W must be multiples of the backbone's stride (``net.preprocessing["pad_multiple"]`` of
+  ``load_network``, 32 for FishNet): pad other images (e.g. with the mean colour) and crop the logits.
+- detection (Faster / Mask R-CNN): one ``image`` [C, H, W] of any size -> ``boxes`` [N, 4] (xyxy, input
+  pixels), ``labels`` [N] (1..K), ``scores`` [N] and, for Mask R-CNN, ``masks`` [N, 1, H, W] probabilities;
+  the detector resizes and normalises the image itself. Only ONNX: torchvision's detectors export with
+  the TorchScript-based ONNX exporter (``dynamo=False``); ``torch.export`` (pt2) raises.
+
+Classification and segmentation use torch's ``torch.export``-based ONNX exporter (``dynamo=True``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fishnet_pl.inference import build_from_checkpoint, preprocessing, read_checkpoint
+from fishnet_pl.tasks.base import TaskHead
+
+FORMATS = ("onnx", "pt2")
+DEFAULT_OPSET = 18
+DETECTION_OPSET = 17
+
+
+class NormalizedNetwork(nn.Module):
+    """The task network behind its input normalisation: takes float images in [0, 1], [B, C, H, W]."""
+
+    def __init__(self, network: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], in_channels: int):
+        super().__init__()
+        self.network = network
+        mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        if in_channels != len(mean):  # as TaskHead.normalize: one mean and std for all other channel counts
+            mean_t, std_t = mean_t.mean().repeat(in_channels), std_t.mean().repeat(in_channels)
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network((images - self.mean) / self.std)
+
+
+class DetectorOutputs(nn.Module):
+    """torchvision's detector on one float [C, H, W] image in [0, 1] (it resizes and normalises itself),
+    returning ``(boxes, labels, scores)`` plus ``masks`` for Mask R-CNN, as tensors."""
+
+    def __init__(self, network: nn.Module, with_masks: bool):
+        super().__init__()
+        self.network = network
+        self.keys = ("boxes", "labels", "scores", "masks") if with_masks else ("boxes", "labels", "scores")
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.network([image])[0]
+        return tuple(out[k] for k in self.keys)
+
+
+def task_of(head: TaskHead) -> str:
+    from fishnet_pl.tasks.detection import DetectionHead
+    from fishnet_pl.tasks.segmentation import SegmentationHead
+
+    if isinstance(head, DetectionHead):
+        return "detection"
+    if isinstance(head, SegmentationHead):
+        return "segmentation"
+    return "classification"
+
+
+def exportable(ckpt: dict[str, Any], input_size: tuple[int, int] | None = None
+               ) -> tuple[nn.Module, torch.Tensor, str, list[str], list[str]]:
+    """The wrapper to export (eval mode), an example input, the task, input and output names."""
+    network, head = build_from_checkpoint(ckpt)
+    info = preprocessing(network, head)
+    in_channels = ckpt["hyper_parameters"].get("in_channels", 3)
+    task = task_of(head)
+    if task == "detection":
+        h, w = input_size or (info["min_size"] if isinstance(info["min_size"], int) else info["min_size"][-1],) * 2
+        wrapper = DetectorOutputs(network, head.with_masks)
+        return wrapper.eval(), torch.rand(in_channels, h, w), task, ["image"], list(wrapper.keys)
+    wrapper = NormalizedNetwork(network, info["mean"], info["std"], in_channels).eval()
+    wrapper.pad_multiple = info.get("pad_multiple")
+    if task == "segmentation":
+        m = info["pad_multiple"]
+        h, w = input_size or (2 * m, 2 * m)
+        if h % m or w % m:
+            raise ValueError(f"segmentation export size must be a multiple of {m} (the backbone's stride), got {h}x{w}")
+    else:
+        h, w = input_size or tuple(info["input_size"][-2:])
+    return wrapper, torch.rand(2, in_channels, h, w), task, ["images"], ["logits"]
+
+
+def _dynamic_shapes(task: str, pad_multiple: int | None) -> dict[str, dict[int, Any]]:
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=1024)
+    if task == "classification":
+        return {"images": {0: batch}}
+    m = pad_multiple
+    # Sides are multiples of the stride: H = m * rows, W = m * cols (derived dims).
+    rows, cols = Dim("rows", min=1, max=8192 // m), Dim("cols", min=1, max=8192 // m)
+    return {"images": {0: batch, 2: m * rows, 3: m * cols}}
+
+
+def export_checkpoint(ckpt_path: str | os.PathLike, fmt: str, output: str | os.PathLike,
+                      input_size: tuple[int, int] | None = None, opset: int | None = None) -> Path:
+    """Export the checkpoint's network with its normalisation to ``output`` (``fmt`` "onnx" or "pt2")."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    ckpt = read_checkpoint(ckpt_path)
+    wrapper, example, task, input_names, output_names = exportable(ckpt, input_size)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if task == "detection":
+        if fmt == "pt2":
+            raise NotImplementedError(
+                "torch.export (pt2) cannot export torchvision's Faster / Mask R-CNN on this torch: the number "
+                "of boxes after non-maximum suppression is data-dependent (torchvision's batched_nms guards on "
+                "it, GuardOnDataDependentSymNode); export detection with --format onnx")
+        dynamic_axes = {"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in output_names}}
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(wrapper, (example,), str(output), dynamo=False, opset_version=opset or DETECTION_OPSET,
+                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+        return output
+    dynamic = _dynamic_shapes(task, wrapper.pad_multiple)
+    if fmt == "pt2":
+        with torch.no_grad():
+            program = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic, strict=False)
+        torch.export.save(program, str(output))
+        return output
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=opset or DEFAULT_OPSET,
+                                    input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic, verbose=False)
+    program.save(str(output))
+    return output
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fishnet-pl export",
+        description="Export a trained fishnet-pl checkpoint as ONNX or torch.export (.pt2). The graph takes "
+                    "float images in [0, 1] and normalises them itself.")
+    parser.add_argument("--ckpt_path", required=True, help="a fishnet-pl Lightning checkpoint (.ckpt)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="onnx or pt2 (torch.export); "
+                        "detection exports only to onnx")
+    parser.add_argument("--output", required=True, help="file to write")
+    parser.add_argument("--input_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="example input size: classification's fixed size (default: the backbone's "
+                             "pretrained input size); for segmentation a multiple of the stride")
+    parser.add_argument("--opset", type=int, default=None,
+                        help=f"ONNX opset (default {DEFAULT_OPSET}, detection {DETECTION_OPSET})")
+    return parser
+
+
+def export_main(args: list[str]) -> Path:
+    """``fishnet-pl export ...`` (``args`` without the ``export`` word)."""
+    ns = build_parser().parse_args(args)
+    output = export_checkpoint(ns.ckpt_path, ns.format, ns.output,
+                               tuple(ns.input_size) if ns.input_size else None, ns.opset)
+    print(f"wrote {output}")
+    return output
