@@ -1,18 +1,73 @@
-"""Every shipped config, alone or composed, resolves to a runnable configuration (--print_config)."""
+"""Every shipped config, alone or composed, resolves to a runnable configuration (--print_config); every
+composed command of the README resolves to the same run as its one-file recipe; a run writes under its
+default_root_dir."""
 
 from __future__ import annotations
+
+import re
+import shlex
 
 import pytest
 import yaml
 
 import fishnet_pl
 
-from .conftest import CONFIGS, run_cli
+from .conftest import CONFIGS, ROOT, run_cli
 
 RECIPES = sorted(p for d in ("quickstart", "imagenet", "cityscapes", "coco") for p in (CONFIGS / d).glob("*.yaml"))
 TASK_DATA = {"classification": "imagenet", "segmentation": "cityscapes", "detection": "coco"}
 BACKBONES = sorted(p.stem for p in (CONFIGS / "backbone").glob("*.yaml"))
 TRAINERS = sorted(p.stem for p in (CONFIGS / "trainer").glob("*.yaml") if p.stem != "default")
+# One-file recipe -> its task and data files; with a backbone file, the shared trainer file and the machine
+# file, they compose the same run.
+RECIPE_PARTS = {"imagenet/fishnet150.yaml": ("task/classification.yaml", "data/imagenet.yaml"),
+                "coco/maskrcnn_fishnet150_fpn_1x.yaml": ("task/detection.yaml", "data/coco.yaml"),
+                "cityscapes/fpn_fishnet150.yaml": ("task/segmentation.yaml", "data/cityscapes.yaml")}
+MACHINE = ("trainer/default.yaml", "trainer/gpu8.yaml")
+
+
+def readme_fit_configs() -> list[list[str]]:
+    """The --config files (relative to configs/) of every ``fishnet-pl fit`` command in the README's bash blocks,
+    continuation lines joined and ``R="..."`` shorthands expanded; commands with a placeholder (...) skipped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        shorthands = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if m := re.fullmatch(r'(\w+)="(.*)"', line):
+                shorthands[m[1]] = m[2]
+                continue
+            for name, value in shorthands.items():
+                line = line.replace(f"${name}", value)
+            words = shlex.split(line, comments=True)
+            if words[:2] != ["fishnet-pl", "fit"]:
+                continue
+            configs = [words[i + 1] for i, w in enumerate(words) if w == "--config"]
+            if configs and all((ROOT / c).is_file() for c in configs):
+                commands.append([c.removeprefix("configs/") for c in configs])
+    return commands
+
+
+def readme_twins() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(one-file recipe [+ backbone file], the composition of the same run) for every README command that
+    uses a recipe or composes one: a composed command is paired with the recipe of its task and data files,
+    a recipe command (the paper's rows swap the backbone file) with the composition it stands for."""
+    twins = {}
+    for configs in readme_fit_configs():
+        if configs[0] in RECIPE_PARTS:
+            recipe, backbones = configs[0], [c for c in configs[1:] if c.startswith("backbone/")]
+            assert len(configs) == 1 + len(backbones), f"README: unexpected files after a recipe: {configs}"
+            backbone = backbones[-1] if backbones else None
+            default = "backbone/" + yaml.safe_load((CONFIGS / recipe).read_text())["model"]["backbone"] + ".yaml"
+            composed = (backbone or default, *RECIPE_PARTS[recipe], *MACHINE)
+            twins.setdefault(composed, (recipe,) if backbone in (None, default) else (recipe, backbone))
+        elif len(configs) > 1:
+            recipes = [r for r, parts in RECIPE_PARTS.items() if configs[1:3] == list(parts)]
+            assert configs[0].startswith("backbone/") and recipes, f"README: a composition with no recipe: {configs}"
+            backbone = yaml.safe_load((CONFIGS / recipes[0]).read_text())["model"]["backbone"]
+            one_file = (recipes[0],) if configs[0] == f"backbone/{backbone}.yaml" else (recipes[0], configs[0])
+            twins.setdefault(tuple(configs), one_file)
+    return [(one_file, composed) for composed, one_file in twins.items()]
 
 
 def resolved(capsys, *configs) -> dict:
@@ -56,3 +111,38 @@ def test_swapping_the_task_is_swapping_the_task_and_data_files(capsys):
         assert config["model"]["backbone"] == "fishnet99"
         heads[task] = (config["model"]["head"]["class_path"], config["data"]["class_path"])
     assert len(set(heads.values())) == 3
+
+
+def test_the_readme_composes_every_recipe():
+    composed = [c for c in readme_fit_configs() if c[0].startswith("backbone/")]
+    assert {tuple(c[1:3]) for c in composed} == set(RECIPE_PARTS.values())
+
+
+@pytest.mark.parametrize(("one_file", "composed"), readme_twins(),
+                         ids=lambda files: "+".join(f.removesuffix(".yaml") for f in files))
+def test_a_readme_composition_is_the_same_run_as_its_one_file_recipe(one_file, composed, capsys):
+    # Nothing is left out of the comparison: the recipe is the composition written out (same run folder,
+    # loggers writing in it, same machine). The commands' other arguments are the same on both sides.
+    assert resolved(capsys, *(CONFIGS / c for c in one_file)) == resolved(capsys, *(CONFIGS / c for c in composed))
+
+
+@pytest.mark.parametrize("machine", TRAINERS)
+def test_a_machine_file_sets_no_recipe_value(machine):
+    config = yaml.safe_load((CONFIGS / f"trainer/{machine}.yaml").read_text())
+    assert set(config) == {"trainer"}
+    assert set(config["trainer"]) <= {"accelerator", "devices", "num_nodes", "strategy", "sync_batchnorm"}
+
+
+def test_default_root_dir_takes_every_output_of_a_run(in_tmp):
+    out = in_tmp / "out"
+    args = ["--config", CONFIGS / "quickstart/classification.yaml", "--trainer.default_root_dir", out,
+            "--data.init_args.root", in_tmp / "data", "--data.init_args.image_size", "32",
+            "--data.init_args.val_resize", "36", "--data.init_args.num_workers", "0",
+            "--trainer.enable_progress_bar", "false"]
+    run_cli(["fit", *args, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+             "--trainer.limit_val_batches", "1"])
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "metrics.csv").is_file() and list(out.glob("events.out.tfevents.*"))
+    run_cli(["predict", *args, "--ckpt_path", out / "checkpoints" / "last.ckpt"])
+    assert (out / "predictions" / "predictions.jsonl").is_file()
+    assert not (in_tmp / "runs").exists()
