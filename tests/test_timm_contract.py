@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("fishnet99", "fishnet150")
 # timm's markers of the per-model tests below (timm >= 1.0.31 moved test_model_forward / _backward from
 # "base" to their own "forward" / "backward" markers; older versions simply have no test with those).
-MARKERS = "base or forward or backward or cfg or features"
+MARKERS = "base or forward or backward or cfg or features or fxforward or fxbackward"
 EXPECTED_TESTS = (
     "test_model_forward",
     "test_model_backward",
@@ -39,6 +39,8 @@ EXPECTED_TESTS = (
     "test_model_forward_features",
     "test_model_forward_intermediates_features",
     "test_model_forward_intermediates",
+    "test_model_forward_fx",
+    "test_model_backward_fx",
 )
 RESULT_LINE = re.compile(r"^tests/test_models\.py::(\w+)\[([^\]]*)\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b",
                          re.MULTILINE)

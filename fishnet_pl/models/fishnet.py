@@ -344,7 +344,7 @@ class FishNet(nn.Module):
 
     def _forward_maps(self, x: torch.Tensor, last: int = 10) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The stem's stride-2 map and f0..f{last} (fewer when stages were pruned)."""
-        _check_input(x, self.in_chans, self.output_stride)
+        check_input_size(x, self.in_chans, self.output_stride)
         s2 = self._call(self.stem, x)
         f = [self.stem_pool(s2)]
         if last < 0:  # only the stem's map was asked for
@@ -417,8 +417,8 @@ class FishNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register_notrace_function  # a data-dependent check: a leaf for symbolic tracing (torch.fx)
-def _check_input(x: torch.Tensor, in_chans: int, output_stride: int) -> None:
+@register_notrace_function  # a data-dependent check: a leaf for torch.fx (which only wraps public names)
+def check_input_size(x: torch.Tensor, in_chans: int, output_stride: int) -> None:
     if x.ndim != 4 or x.shape[1] != in_chans:
         raise ValueError(f"FishNet expects input of shape (N, {in_chans}, H, W), got {tuple(x.shape)}")
     h, w, m = *x.shape[-2:], output_stride
