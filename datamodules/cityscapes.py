@@ -157,20 +157,21 @@ class CityscapesDataset(Dataset):
         image_path, label_path = self.samples[index]
         image = read_rgb(image_path)
         if label_path is None:
-            return {"image": self.transform(image=image)["image"], "path": str(image_path)}
+            return {"image": self.transform(image=image)["image"], "path": str(image_path), "index": index}
         mask = read_train_ids(label_path)
         if mask.shape != image.shape[:2]:
             raise DatasetError(f"{label_path}: label is {mask.shape[0]}x{mask.shape[1]} (height x width), its "
                                f"image {image_path.name} is {image.shape[0]}x{image.shape[1]}")
         out = self.transform(image=image, mask=mask)
-        return {"image": out["image"], "mask": out["mask"].long(), "path": str(image_path)}
+        return {"image": out["image"], "mask": out["mask"].long(), "path": str(image_path), "index": index}
 
 
 class CityscapesDataModule(AugmentedDataModule):
     """Cityscapes fine annotations in the official layout, 19 classes, with the usual segmentation augmentation.
 
     Batches are ``{"image": float32 [B, 3, H, W] in [0, 1], "mask": int64 [B, H, W]
-    (train ids 0..18, 255 = ignore), "path": [str]}``; predict batches have no ``mask``. Training
+    (train ids 0..18, 255 = ignore), "path": [str], "index": int64 [B] (dataset indices, so that under DDP
+    evaluation counts each image once)}``; predict batches have no ``mask``. Training
     images are randomly scaled, padded (image 0, i.e. black; mask 255) to the crop if smaller, cropped to
     ``crop_size``, flipped and colour-jittered. Evaluation images keep their full size (or are resized
     by ``eval_scale``), neither cropped nor padded, so all images of one evaluation batch must have

@@ -89,7 +89,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
+            sample = (index + offset) % len(self.samples)
+            path, label = self.samples[sample]
             try:
                 image = read_rgb(path)
             except DatasetError as err:
@@ -98,7 +99,8 @@ class ImageDataset(Dataset):
                 self.skipped.append(str(path))
                 log.warning("skipping unreadable image (%d so far in this process): %s", len(self.skipped), err)
                 continue
-            return {"image": self.transform(image=image)["image"], "label": label, "path": str(path)}
+            # index: which image this is (the substitute's own, after a skip), so evaluation counts it once.
+            return {"image": self.transform(image=image)["image"], "label": label, "path": str(path), "index": sample}
         raise DatasetError(f"no readable image among the {len(self.samples)} of this dataset")
 
 
@@ -106,7 +108,8 @@ class ImageNetDataModule(AugmentedDataModule):
     """ImageNet-style classification data with the FishNet authors' augmentation.
 
     Batches are ``{"image": float32 [B, 3, H, W] in [0, 1] (not normalised; the model normalises with
-    its backbone's pretrained_cfg), "label": int64 [B] (-1 where unknown), "path": [str]}``.
+    its backbone's pretrained_cfg), "label": int64 [B] (-1 where unknown), "path": [str], "index": int64 [B]
+    (dataset indices: under DDP, evaluation counts the images Lightning's sampler repeats once)}``.
 
     Args:
         root: dataset folder holding ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (torchvision's

@@ -59,7 +59,9 @@ class FishNetCLI(LightningCLI):
 
     def before_predict(self) -> None:
         # Not a model hyper-parameter: with --ckpt_path, LightningCLI takes those from the checkpoint.
-        self.trainer.callbacks.append(PredictionWriter(self.config[self.subcommand].predict_dir))
+        writer = PredictionWriter.for_head(self.model.head, self.config[self.subcommand].predict_dir)
+        if writer is not None:
+            self.trainer.callbacks.append(writer)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> FishNetCLI:

@@ -38,14 +38,11 @@ DETECTION_OPSET = 17
 class NormalizedNetwork(nn.Module):
     """The task network behind its input normalisation: takes float images in [0, 1], [B, C, H, W]."""
 
-    def __init__(self, network: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], in_channels: int):
+    def __init__(self, network: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.network = network
-        mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-        if in_channels != len(mean):  # as TaskHead.normalize: one mean and std for all other channel counts
-            mean_t, std_t = mean_t.mean().repeat(in_channels), std_t.mean().repeat(in_channels)
-        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
-        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network((images - self.mean) / self.std)
@@ -87,7 +84,7 @@ def exportable(ckpt: dict[str, Any], input_size: tuple[int, int] | None = None
         h, w = input_size or (info["min_size"] if isinstance(info["min_size"], int) else info["min_size"][-1],) * 2
         wrapper = DetectorOutputs(network, head.with_masks)
         return wrapper.eval(), torch.rand(in_channels, h, w), task, ["image"], list(wrapper.keys)
-    wrapper = NormalizedNetwork(network, info["mean"], info["std"], in_channels).eval()
+    wrapper = NormalizedNetwork(network, info["mean"], info["std"]).eval()
     wrapper.pad_multiple = info.get("pad_multiple")
     if task == "segmentation":
         m = info["pad_multiple"]

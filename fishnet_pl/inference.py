@@ -43,7 +43,10 @@ def build_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, TaskHead]:
 def preprocessing(network: nn.Module, head: TaskHead) -> dict[str, Any]:
     """What the network expects of its input, from the backbone's timm ``pretrained_cfg``."""
     cfg = network.get_submodule(head.backbone_path).pretrained_cfg
-    info: dict[str, Any] = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+    mean, std = cfg["mean"], cfg["std"]
+    if hasattr(head, "mean"):  # the head's normalisation, which also covers other input channel counts
+        mean, std = head.mean.flatten().tolist(), head.std.flatten().tolist()
+    info: dict[str, Any] = {"mean": tuple(mean), "std": tuple(std),
                             "input_size": tuple(cfg.get("input_size", (3, 224, 224))),
                             "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation")}
     if hasattr(head, "pad_multiple"):  # segmentation: input sides must be multiples of the backbone's stride

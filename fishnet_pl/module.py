@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from fishnet_pl.callbacks import LastCheckpoint, PredictionWriter, RNGStateCheckpoint
+from fishnet_pl.callbacks import LastCheckpoint, RNGStateCheckpoint, task_callbacks
 from fishnet_pl.models.registry import check_backbone_name
 from fishnet_pl.models.weights import (
     CKPT_BACKBONE_KEY,
@@ -128,9 +128,7 @@ class FishNetModule(L.LightningModule):
         self._evaluation_step(batch, "test")
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:
-        logs = self.head.evaluation_step(self.network, batch, stage)
-        self.log_dict(logs, prog_bar=True, on_step=False, on_epoch=True, batch_size=_batch_size(batch),
-                      sync_dist=True)
+        self.head.evaluation_step(self.network, batch, stage)
 
     def on_validation_epoch_end(self) -> None:
         self._evaluation_epoch_end("val")
@@ -139,9 +137,12 @@ class FishNetModule(L.LightningModule):
         self._evaluation_epoch_end("test")
 
     def _evaluation_epoch_end(self, stage: str) -> None:
-        logs = self.head.evaluation_epoch_end(stage, self.trainer)
-        if logs:
-            self.log_dict(logs, sync_dist=False)  # already reduced over processes by the metrics
+        metric = self.head.metrics[stage]
+        if not metric.update_called:  # e.g. limit_val_batches=0
+            return
+        logs = metric.compute()  # over every process, each image once
+        metric.reset()
+        self.log_dict({f"{stage}/{name}": value for name, value in logs.items()}, prog_bar=True, sync_dist=False)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
         return self.head.predict_step(self.network, batch)
@@ -154,6 +155,7 @@ class FishNetModule(L.LightningModule):
             log.info("epoch %d: backbone unfrozen", self.current_epoch)
 
     def setup(self, stage: str) -> None:
+        self.head.set_class_names(_class_names(self))
         # Runs before Lightning converts BatchNorm and wraps the model in DDP, where torch would fail
         # with "SyncBatchNorm layers only work with GPU modules" and no hint what to change.
         strategy = self.trainer.strategy
@@ -195,9 +197,10 @@ class FishNetModule(L.LightningModule):
             auto_insert_metric_name=False)
         callbacks = [best, RNGStateCheckpoint()]
         # Defaults the user may have configured differently on the trainer (same types would replace theirs).
-        for kind, default in ((LastCheckpoint, LastCheckpoint), (BasePredictionWriter, PredictionWriter)):
+        for default in (LastCheckpoint(), *task_callbacks(self.head)):
+            kind = BasePredictionWriter if isinstance(default, BasePredictionWriter) else type(default)
             if not any(isinstance(c, kind) for c in self.trainer.callbacks):
-                callbacks.append(default())
+                callbacks.append(default)
         return callbacks
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -30,6 +31,24 @@ def run_cli_subprocess(args: list[str], cwd: Path, timeout: int = 600) -> subpro
     env = {**inherited, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "fishnet_pl.cli", *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def validation_metrics(args: list, cwd: Path, devices: int) -> dict[str, float]:
+    """``fishnet-pl validate ARGS`` in ``cwd`` on ``devices`` CPU processes (DDP: a new process, which
+    re-launches the others; one device: this process): the logged ``val/`` metrics."""
+    out = cwd / f"validate_on_{devices}"
+    args = ["validate", *args, "--trainer.devices", devices, "--trainer.strategy", "ddp" if devices > 1 else "auto",
+            "--trainer.enable_progress_bar", "false", *csv_logger(out)]
+    if devices > 1:
+        result = run_cli_subprocess(args, cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(cwd)
+            run_cli(args)
+    with open(out / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    return {name: float(value) for name, value in row.items() if value and name.startswith("val/")}
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from fishnet_pl import FishNetModule
 
-from .conftest import CONFIGS, csv_logger, run_cli, run_cli_subprocess
+from .conftest import CONFIGS, csv_logger, run_cli, run_cli_subprocess, validation_metrics
 
 QUICKSTART = CONFIGS / "quickstart" / "classification.yaml"
 
@@ -119,6 +120,18 @@ def test_ddp_on_two_cpu_processes_trains_and_syncs_validation_metrics(in_tmp):
                       "--data.init_args.batch_size", "8", "--ckpt_path", "ddp/checkpoints/last.ckpt",
                       *csv_logger("single")])
     assert single.trainer.callback_metrics["val/acc1"].item() == pytest.approx(logged, abs=1e-6)
+
+
+def test_validation_on_three_processes_gives_the_one_process_metrics(quickstart, tmp_path):
+    _, cwd = quickstart
+    ckpt = cwd / "runs" / "quickstart" / "classification" / "checkpoints" / "last.ckpt"
+    data = shutil.copytree(cwd / "data" / "quickstart" / "imagenet", tmp_path / "imagenet")
+    next((data / "val").rglob("*.JPEG")).unlink()  # 47 val images on 3 processes: the sampler repeats 1
+    args = ["--config", QUICKSTART, "--ckpt_path", ckpt, "--data.init_args.root", data,
+            "--data.init_args.batch_size", "5"]
+    one, three = (validation_metrics(args, tmp_path, devices) for devices in (1, 3))
+    assert set(one) == {"val/loss", "val/acc1", "val/acc4"} == set(three)
+    assert one == pytest.approx(three, abs=1e-6)
 
 
 def test_bf16_mixed_precision_trains_on_the_cpu(in_tmp):

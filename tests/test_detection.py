@@ -4,7 +4,6 @@ COCO evaluation, and the quickstart through the CLI (fit, validate on 1 and 3 pr
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 from pathlib import Path
@@ -17,10 +16,11 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 
 from datamodules.coco import COCODataModule
 from fishnet_pl import DetectionHead, FishNetModule, SegmentationHead
+from fishnet_pl.metrics import coco_evaluate, write_coco_results
 from fishnet_pl.models.weights import CKPT_BACKBONE_KEY
-from fishnet_pl.tasks.detection import TimmBackboneWithFPN, coco_evaluate, write_coco_results
+from fishnet_pl.tasks.detection import TimmBackboneWithFPN
 
-from .conftest import CONFIGS, csv_logger, run_cli, run_cli_subprocess
+from .conftest import CONFIGS, run_cli, validation_metrics
 
 QUICKSTART = CONFIGS / "quickstart" / "detection.yaml"
 SMALL_HEAD = {"fpn_channels": 32, "anchor_sizes": (16, 32, 64, 128, 256), "min_size": 128, "max_size": 192,
@@ -159,14 +159,19 @@ def test_evaluation_matches_pycocotools_on_the_annotation_file_and_writes_a_load
     dm.setup("validate")
     head = DetectionHead(**SMALL_HEAD)
     head.build("fishnet_tiny", dm.num_classes, 3)
-    records = []
-    for batch in dm.val_dataloader():
-        for image, target in zip(batch["images"], batch["targets"]):
+    metric = head.metrics["val"]
+    batches = list(dm.val_dataloader())
+    for batch in [*batches, batches[0]]:  # the first batch again, as DDP's sampler repeats: counted once
+        outputs = []
+        for target in batch["targets"]:
             keep = target["iscrowd"] == 0
-            output = {"boxes": target["boxes"][keep], "labels": target["labels"][keep],
-                      "scores": torch.linspace(0.9, 0.5, int(keep.sum())),
-                      "masks": target["masks"][keep][:, None].float()}
-            records.append(head._record(image.shape[-2:], target, output))
+            outputs.append({"boxes": target["boxes"][keep], "labels": target["labels"][keep],
+                            "scores": torch.linspace(0.9, 0.5, int(keep.sum())),
+                            "masks": target["masks"][keep][:, None].float()})
+        metric.update([image.shape[-2:] for image in batch["images"]], batch["targets"], outputs)
+    logged = metric.compute()
+    records = metric.images
+    assert len(records) == len(dm.datasets["val"]) == len({r["image_id"] for r in records})
     assert any(r["gt_iscrowd"].any() for r in records), "the quickstart val split has a crowd region"
     results = tmp_path / "results.json"
     write_coco_results(records, results, dm.label_to_category_id)
@@ -175,6 +180,7 @@ def test_evaluation_matches_pycocotools_on_the_annotation_file_and_writes_a_load
         ours = coco_evaluate(records, iou_type, dm.num_classes)
         theirs = _evaluate_file(Path(dm.val_annotation_file), results, iou_type)
         assert ours[0] == pytest.approx(1.0) and ours == pytest.approx(theirs, abs=1e-9), iou_type
+        assert logged[f"{iou_type}_ap"].item() == pytest.approx(theirs[0], abs=1e-6)
 
 
 # ---------------------------------------------------------------------- quickstart through the CLI
@@ -200,22 +206,15 @@ def test_quickstart_reaches_a_box_and_mask_ap_well_above_zero(quickstart):
     assert stats[0] == pytest.approx(metrics["val/bbox_ap"].item(), abs=1e-3)
 
 
-def test_validation_on_several_processes_counts_each_image_once(quickstart):
+def test_validation_on_three_processes_gives_the_one_process_metrics(quickstart):
     _, cwd = quickstart
     ckpt = cwd / "runs" / "quickstart" / "detection" / "checkpoints" / "last.ckpt"
     # 10 val images on 3 processes: the distributed sampler repeats 2 to give each 4. One image per
     # batch, since torchvision pads a batch to its largest image, which moves the detections slightly.
-    args = ["validate", "--config", QUICKSTART, "--ckpt_path", ckpt, "--trainer.enable_progress_bar", "false",
-            "--data.init_args.batch_size", "1"]
-    aps = []
-    for devices in ("1", "3"):
-        result = run_cli_subprocess([*args, "--trainer.devices", devices, "--trainer.strategy", "ddp",
-                                     *csv_logger(f"validate{devices}")], cwd=cwd)
-        assert result.returncode == 0, result.stderr[-3000:]
-        with open(cwd / f"validate{devices}" / "metrics.csv") as f:
-            row = next(csv.DictReader(f))
-        aps.append((float(row["val/bbox_ap"]), float(row["val/segm_ap"])))
-    assert aps[0] == pytest.approx(aps[1], abs=1e-9) and aps[0][0] > 0
+    args = ["--config", QUICKSTART, "--ckpt_path", ckpt, "--data.init_args.batch_size", "1"]
+    one, three = (validation_metrics(args, cwd, devices) for devices in (1, 3))
+    assert set(one) == set(three) and {"val/bbox_ap", "val/segm_ap"} <= set(one)
+    assert one == pytest.approx(three, abs=1e-9) and one["val/bbox_ap"] > 0
 
 
 def test_predict_draws_detections_and_writes_them_as_json(quickstart, tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 from datamodules.cityscapes import PALETTE
 from fishnet_pl import FishNetModule, SegmentationHead
 
-from .conftest import CONFIGS, csv_logger, run_cli
+from .conftest import CONFIGS, csv_logger, run_cli, validation_metrics
 
 QUICKSTART = CONFIGS / "quickstart" / "segmentation.yaml"
 CLASSIFICATION_CKPT = "runs/quickstart/classification/checkpoints/last.ckpt"
@@ -48,6 +48,16 @@ def test_quickstart_reaches_an_miou_well_above_chance(quickstart):
     # 7 classes on the quickstart images: a constant guess (road) scores an mIoU near 0.05.
     assert metrics["val/miou"] > 0.4, dict(metrics)
     assert {"val/iou_road", "val/iou_sky", "val/iou_car", "val/iou_person"} <= set(metrics)
+
+
+def test_validation_on_three_processes_gives_the_one_process_metrics(quickstart):
+    _, cwd = quickstart
+    ckpt = cwd / "runs" / "quickstart" / "segmentation" / "checkpoints" / "last.ckpt"
+    # 8 val images on 3 processes: the distributed sampler repeats 1 to give each 3.
+    args = ["--config", QUICKSTART, "--ckpt_path", ckpt, "--data.init_args.val_batch_size", "2"]
+    one, three = (validation_metrics(args, cwd, devices) for devices in (1, 3))
+    assert set(one) == set(three) and {"val/miou", "val/iou_road", "val/iou_car"} <= set(one)
+    assert one == pytest.approx(three, abs=1e-6)
 
 
 def test_predict_writes_a_cityscapes_colour_mask_and_an_overlay_per_image(quickstart, tmp_path):

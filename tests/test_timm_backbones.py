@@ -14,10 +14,11 @@ from .conftest import CONFIGS, run_cli
 
 def quickstart(task: str, *extra: str):
     return run_cli(["fit", "--config", CONFIGS / "quickstart" / f"{task}.yaml", "--model.backbone", "resnet18",
-                    "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", *extra])
+                    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                    "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false", *extra])
 
 
-def test_every_quickstart_runs_on_resnet18_for_one_epoch(in_tmp):
+def test_every_quickstart_runs_on_resnet18(in_tmp):
     classification = quickstart("classification")
     assert math.isfinite(classification.trainer.callback_metrics["val/acc1"])
     last = in_tmp / "runs/quickstart/classification/checkpoints/last.ckpt"
@@ -37,7 +38,6 @@ def test_every_quickstart_runs_on_resnet18_for_one_epoch(in_tmp):
     assert math.isfinite(detection.trainer.callback_metrics["val/bbox_ap"])
     ckpt = in_tmp / "runs/quickstart/detection/checkpoints/last.ckpt"
     assert FishNetModule.load_from_checkpoint(ckpt).hparams.backbone == "resnet18"
-
 
 
 def test_imagenet_input_size_and_eval_resize_come_from_the_backbones_pretrained_cfg(in_tmp):

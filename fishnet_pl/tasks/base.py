@@ -2,17 +2,18 @@
 
 A head builds the task's plain network (which owns its backbone, any timm model) and owns the
 loss, metrics and post-processing; the module holds the network and owns the loop, the optimizer
-and schedule, logging and checkpoints. The head never holds the network as a sub-module (each
-weight lives once, under the module's ``network.``): its methods are handed it. A head is configured by
-plain constructor arguments (so LightningCLI can show and set them) and stores each under the
-same attribute name, so ``config()`` can rebuild it from a checkpoint.
+and schedule, logging and checkpoints; callbacks (``fishnet_pl.callbacks``) write result files. A head
+never sees the trainer, nor holds the network as a sub-module (each weight lives once, under the
+module's ``network.``): its methods are handed it. A head is configured by plain constructor arguments
+(so LightningCLI can show and set them) and stores each under the same attribute name, so ``config()``
+can rebuild it from a checkpoint.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,20 +28,22 @@ class TaskHead(nn.Module):
     monitor_mode: str = "min"
     #: Where the timm backbone sits in the network ("" = the network is the backbone).
     backbone_path: str = ""
+    #: The dataset's class names, when known (``set_class_names``).
+    class_names: list[str] | None = None
 
     def build(self, backbone: str, num_classes: int, in_chans: int) -> nn.Module:
-        """Create the network on the timm model ``backbone`` and the head's metrics; return the network."""
+        """Create the network on the timm model ``backbone`` and the head's metrics ``self.metrics``
+        (``{"val": Metric, "test": Metric}``, torchmetrics metrics whose ``compute()`` gives a dict of
+        scalars, synchronised over processes); return the network."""
         raise NotImplementedError
 
-    def set_normalization(self, backbone: nn.Module) -> None:
+    def set_normalization(self, backbone: nn.Module, in_chans: int) -> None:
         """Normalise inputs (float images in [0, 1]) with the backbone's ``pretrained_cfg`` mean and std."""
-        cfg = backbone.pretrained_cfg
-        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, -1, 1, 1), persistent=False)
+        mean, std = channel_normalization(backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"], in_chans)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[1] != self.mean.shape[1]:  # other input channels: one mean/std for all
-            return (images - self.mean.mean()) / self.std.mean()
         return (images - self.mean) / self.std
 
     def forward(self, network: nn.Module, images: Any) -> Any:
@@ -51,22 +54,17 @@ class TaskHead(nn.Module):
         """Loss to back-propagate and scalars to log (names without the ``train/`` prefix)."""
         raise NotImplementedError
 
-    def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> dict[str, Any]:
-        """Update ``stage``'s metrics ("val" or "test"); return per-step scalars or Metric objects to log."""
+    def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> None:
+        """Update ``self.metrics[stage]`` ("val" or "test") with one batch."""
         raise NotImplementedError
 
-    def evaluation_epoch_end(self, stage: str, trainer: Any) -> dict[str, torch.Tensor]:
-        """Scalars computed once per epoch over all processes (e.g. per-class IoU, COCO AP); the head
-        resets what it computed. ``trainer`` gives ``log_dir`` and ``datamodule`` for result files."""
-        return {}
+    def set_class_names(self, names: list[str] | None) -> None:
+        """The dataset's class names (for per-class metric names); the module passes the datamodule's."""
+        self.class_names = names
 
     def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
-        """One record per input image (plain values and CPU tensors)."""
-        raise NotImplementedError
-
-    def write_predictions(self, records: list[dict[str, Any]], out_dir: Path, datamodule: Any, first: bool) -> None:
-        """Save the records of one predict batch under ``out_dir`` (files a person can read);
-        ``first`` marks the first batch of the run, so files from an earlier run are replaced."""
+        """One record per input image (plain values and CPU tensors); the task's prediction-writer
+        callback (``fishnet_pl.callbacks``) turns them into files."""
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
@@ -75,6 +73,16 @@ class TaskHead(nn.Module):
         cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
                 "init_args": {name: getattr(self, name) for name in names}}
+
+
+def channel_normalization(mean: Sequence[float], std: Sequence[float], in_chans: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std [1, C, 1, 1] for ``in_chans`` input channels: the backbone's for as many channels as
+    it has, otherwise one mean and one std (their averages) for every channel."""
+    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    if in_chans != len(mean_t):
+        mean_t, std_t = mean_t.mean().repeat(in_chans), std_t.mean().repeat(in_chans)
+    return mean_t.view(1, -1, 1, 1), std_t.view(1, -1, 1, 1)
 
 
 def as_head(head: TaskHead | dict | None) -> TaskHead:

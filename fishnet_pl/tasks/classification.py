@@ -3,17 +3,14 @@ top-1/top-5 accuracy."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from fishnet_pl.metrics import ClassificationMetrics
 from fishnet_pl.models.registry import create_backbone
 from fishnet_pl.tasks.base import TaskHead
 
@@ -22,7 +19,8 @@ class ClassificationHead(TaskHead):
     """The backbone's own classifier (FishNet's: BN-ReLU-1x1-BN-ReLU, pool, 1x1) trained with cross-entropy.
 
     Batches: ``image`` float [B, C, H, W] in [0, 1] (normalised here with the backbone's mean and std),
-    ``label`` int64 [B].
+    ``label`` int64 [B]; for evaluation also ``index`` (the images' dataset indices), so that under DDP
+    every image counts once. Validation and test log ``{stage}/loss``, ``acc1`` and ``acc5``.
 
     Args:
         label_smoothing: cross-entropy label smoothing (0 = the authors' recipe).
@@ -42,17 +40,12 @@ class ClassificationHead(TaskHead):
 
     def build(self, backbone: str, num_classes: int, in_chans: int) -> nn.Module:
         network = create_backbone(backbone, num_classes=num_classes, in_chans=in_chans)
-        self.set_normalization(network)
+        self.set_normalization(network, in_chans)
         self.num_classes = num_classes
         mixes = [cls(alpha=a, num_classes=num_classes)
                  for cls, a in ((v2.MixUp, self.mixup_alpha), (v2.CutMix, self.cutmix_alpha)) if a > 0]
         self.mix = v2.RandomChoice(mixes) if mixes else None
-        top5 = min(5, num_classes)
-        metrics = MetricCollection({
-            "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-            f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro")})
-        self.metrics = torch.nn.ModuleDict({"val": metrics.clone(prefix="val/"),
-                                            "test": metrics.clone(prefix="test/")})
+        self.metrics = nn.ModuleDict({stage: ClassificationMetrics(num_classes) for stage in ("val", "test")})
         return network
 
     def forward(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -66,23 +59,11 @@ class ClassificationHead(TaskHead):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return loss, {"loss": loss}
 
-    def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> dict[str, Any]:
-        logits = self(network, batch["image"])
-        metrics = self.metrics[stage]
-        metrics.update(logits, batch["label"])
-        return {f"{stage}/loss": F.cross_entropy(logits, batch["label"]), **metrics}
+    def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> None:
+        self.metrics[stage].update(self(network, batch["image"]), batch["label"], batch.get("index"))
 
     def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
         probs = self(network, batch["image"]).softmax(dim=1)
         scores, classes = probs.topk(min(5, probs.shape[1]), dim=1)
         return [{"path": path, "classes": c.tolist(), "scores": s.tolist()}
                 for path, c, s in zip(batch["path"], classes.cpu(), scores.cpu())]
-
-    def write_predictions(self, records: list[dict[str, Any]], out_dir: Path, datamodule: Any, first: bool) -> None:
-        """One JSON line per image in ``predictions.jsonl``: path, top-5 class indices, names, probabilities."""
-        names = getattr(datamodule, "classes", None)
-        with open(out_dir / "predictions.jsonl", "w" if first else "a") as f:
-            for r in records:
-                if names is not None:
-                    r = {**r, "names": [names[c] for c in r["classes"]]}
-                f.write(json.dumps(r) + "\n")

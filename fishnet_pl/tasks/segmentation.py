@@ -9,24 +9,18 @@ training, validation, test and predict alike.
 from __future__ import annotations
 
 import inspect
-import logging
 import math
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from segmentation_models_pytorch.base import SegmentationModel
 from torch import nn
-from torchmetrics.classification import MulticlassJaccardIndex
 
+from fishnet_pl.metrics import SegmentationIoU
 from fishnet_pl.models.fishnet import FishNet
 from fishnet_pl.tasks.base import TaskHead
-
-log = logging.getLogger(__name__)
 
 
 def input_multiple(backbone: nn.Module) -> int:
@@ -47,11 +41,12 @@ class SegmentationHead(TaskHead):
 
     Batches: ``image`` float [B, C, H, W] in [0, 1] (any size; normalised here with the backbone's
     mean and std), ``mask`` int64 [B, H, W] class ids
-    with ``ignore_index`` for unlabelled pixels. Validation and test log ``{stage}/miou`` (mean IoU
-    over the classes present in the ground truth or the predictions) and ``{stage}/iou_<class>``
-    for each such class, from torchmetrics' Jaccard index over all processes.
-    Predict writes ``<name>_mask.png`` (the datamodule's palette, e.g. Cityscapes') and
-    ``<name>_overlay.png`` (the mask blended over the image) for every input.
+    with ``ignore_index`` for unlabelled pixels, and for evaluation ``index`` (dataset indices, so that under
+    DDP every image counts once). Validation and test log ``{stage}/miou`` (mean IoU over the classes present
+    in the ground truth or the predictions) and ``{stage}/iou_<class>`` for each such class, over all
+    processes (``fishnet_pl.metrics.SegmentationIoU``). Predict gives each image's class ids, which
+    ``SegmentationPredictionWriter`` saves as ``<name>_mask.png`` (the datamodule's palette, e.g.
+    Cityscapes') and ``<name>_overlay.png`` (the mask blended over the image).
 
     Args:
         decoder: smp architecture name: Unet, UnetPlusPlus, FPN, PSPNet, DeepLabV3, DeepLabV3Plus,
@@ -127,16 +122,19 @@ class SegmentationHead(TaskHead):
         if self._arch is smp.PSPNet and "upsampling" not in self.decoder_kwargs:
             kwargs["upsampling"] = 2**self.encoder_depth
         network = self._arch(encoder_name=f"tu-{backbone}", **kwargs)
-        self.set_normalization(network.encoder.model)
+        self.set_normalization(network.encoder.model, in_chans)
         self.pad_multiple = input_multiple(network.encoder.model)
         self.dice = smp.losses.DiceLoss("multiclass", ignore_index=self.ignore_index) if self.dice_weight else None
         self.lovasz = (smp.losses.LovaszLoss("multiclass", ignore_index=self.ignore_index)
                        if self.lovasz_weight else None)
-        # zero_division=nan: a class in neither ground truth nor prediction has no IoU (left out of the mean).
-        iou = MulticlassJaccardIndex(num_classes, average="none", ignore_index=self.ignore_index,
-                                     zero_division=float("nan"))
-        self.iou = torch.nn.ModuleDict({"val": iou, "test": iou.clone()})
+        self.metrics = nn.ModuleDict({stage: SegmentationIoU(num_classes, self.ignore_index, self.class_names)
+                                      for stage in ("val", "test")})
         return network
+
+    def set_class_names(self, names: list[str] | None) -> None:
+        super().set_class_names(names)
+        for metric in getattr(self, "metrics", {}).values():
+            metric.class_names = names
 
     # ------------------------------------------------------------------ inference
     def forward(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -202,23 +200,9 @@ class SegmentationHead(TaskHead):
         loss = logs["ce"] + self.dice_weight * logs.get("dice", 0) + self.lovasz_weight * logs.get("lovasz", 0)
         return loss, {"loss": loss, **logs}
 
-    def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> dict[str, Any]:
-        self.iou[stage].update(self.predict_probabilities(network, batch["image"]).argmax(dim=1), batch["mask"])
-        return {}
-
-    def evaluation_epoch_end(self, stage: str, trainer: Any) -> dict[str, torch.Tensor]:
-        metric = self.iou[stage]
-        if not metric.update_called:
-            return {}
-        iou = metric.compute()  # synchronised over processes
-        metric.reset()
-        names = getattr(trainer.datamodule, "class_names", None) or [str(k) for k in range(self.num_classes)]
-        present = ~iou.isnan()
-        logs = {f"{stage}/miou": iou[present].mean() if present.any() else iou.new_tensor(0.0)}
-        logs.update({f"{stage}/iou_{names[k]}": iou[k] for k in present.nonzero().flatten().tolist()})
-        log.info("%s IoU per class: %s", stage, ", ".join(f"{names[k]} {iou[k]:.3f}" for k in range(len(iou))
-                                                         if present[k]))
-        return logs
+    def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> None:
+        predictions = self.predict_probabilities(network, batch["image"]).argmax(dim=1)
+        self.metrics[stage].update(predictions, batch["mask"], batch.get("index"))
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
@@ -226,21 +210,6 @@ class SegmentationHead(TaskHead):
         pixels = (batch["image"] * 255).round().clamp(0, 255).to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
         return [{"path": path, "labels": m, "image": p} for path, m, p in zip(batch["path"], labels, pixels)]
-
-    def write_predictions(self, records: list[dict[str, Any]], out_dir: Path, datamodule: Any, first: bool) -> None:
-        """``<name>_mask.png``: a palette PNG whose pixel values are the class ids and whose colours are
-        the datamodule's ``palette`` (Cityscapes' for Cityscapes); ``<name>_overlay.png``: that colour
-        mask blended half-and-half over the image."""
-        palette = np.asarray(getattr(datamodule, "palette", None) or default_palette(self.num_classes), np.uint8)
-        flat = np.zeros((256, 3), np.uint8)
-        flat[: len(palette)] = palette[:256]
-        for r in records:
-            stem = Path(r["path"]).stem
-            mask = Image.fromarray(r["labels"])  # mode L; putpalette makes it P with these colours
-            mask.putpalette(flat.flatten().tolist())
-            mask.save(out_dir / f"{stem}_mask.png")
-            overlay = (0.5 * r["image"] + 0.5 * flat[r["labels"]]).round().astype(np.uint8)
-            Image.fromarray(overlay).save(out_dir / f"{stem}_overlay.png")
 
 
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:

@@ -278,7 +278,7 @@ def test_predict_over_a_folder_or_the_test_split(cityscapes, tmp_path_factory):
     dm = datamodule(cityscapes, predict_root=str(folder), val_batch_size=2)
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
-    assert set(batch) == {"image", "path"} and batch["image"].shape == (2, 3, 30, 50)
+    assert set(batch) == {"image", "path", "index"} and batch["image"].shape == (2, 3, 30, 50)
     assert [p.rsplit("/", 1)[1] for p in batch["path"]] == ["b.jpg", "a.png"]
     assert torch.equal(batch["image"][1], as_float(np.full((30, 50, 3), (1, 2, 3), np.uint8)))  # a.png, lossless
     dm = datamodule(cityscapes)

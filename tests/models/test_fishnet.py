@@ -8,7 +8,6 @@ import subprocess
 import sys
 from dataclasses import replace
 
-import onnxruntime
 import pytest
 import timm
 import torch
@@ -366,14 +365,6 @@ def test_fishnext_uses_grouped_convolutions():
 
 
 # ---------------------------------------------------------------------- integration and export
-def test_smp_timm_universal_encoder_builds_on_fishnet():
-    import segmentation_models_pytorch as smp  # a required dependency: imported here to keep this file light
-
-    model = smp.create_model("FPN", encoder_name="tu-fishnet_tiny", encoder_weights=None, classes=3).eval()
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
-
-
 @pytest.mark.parametrize("module", ["fishnet_pl.models", "fishnet_pl"])
 def test_importing_the_models_is_light(module):
     code = (f"import sys, timm, {module}\n"
@@ -394,22 +385,3 @@ def test_channels_last_gives_the_same_output():
         torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_torch_compile_gives_the_same_output():
-    model = tiny().eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(torch.compile(model)(x), model(x), atol=1e-4, rtol=1e-4)
-
-
-def test_torch_export_and_onnx_export_of_the_classifier(tmp_path):
-    model = tiny().eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-    exported = torch.export.export(model, (x,))
-    torch.testing.assert_close(exported.module()(x), expected, atol=1e-5, rtol=1e-4)
-    path = tmp_path / "fishnet.onnx"
-    torch.onnx.export(model, (x,), path, input_names=["image"], output_names=["logits"], dynamo=True)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {"image": x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4, rtol=1e-4)
