@@ -35,7 +35,7 @@ from bench import RESULTS_DIR, machine_info, markdown_table, write_json
 
 REFERENCE_MODELS = ("resnet50", "resnet101", "resnext50_32x4d", "densenet161")
 DEFAULT_MODELS = ("fishnet99", "fishnet150", "fishnet201", *REFERENCE_MODELS)
-MODES = ("eager", "channels_last", "bf16", "compile")
+MODES = ("eager", "channels_last", "bf16", "compile", "fused")
 # Multiply-adds at 224x224 as quoted (as "FLOPs"): FishNet's by its paper (Sun et al. 2018), ResNets' as
 # the FishNet paper and torchvision quote them (He et al.'s own Table 1 says 3.8 and 7.6, counting differently),
 # ResNeXt-50's and DenseNet-161's as torchvision quotes them for the same architectures as timm's (the
@@ -59,7 +59,7 @@ DEFAULTS = {"cpu": {"batch_size": 8, "image_size": 128, "steps": 3, "warmup": 1,
             "cuda": {"batch_size": 64, "image_size": 224, "steps": 20, "warmup": 5, "threads": None}}
 # torch.compile is opt-in on CPU: a cold compile (empty inductor cache) of FishNet-150's training and
 # inference graphs alone took 6-10 minutes on 2 shared cores, more than the whole default run may take.
-DEFAULT_MODES = {"cpu": ("eager", "channels_last", "bf16"), "cuda": MODES}
+DEFAULT_MODES = {"cpu": ("eager", "channels_last", "bf16", "fused"), "cuda": MODES}
 
 
 def check_model_name(name: str) -> None:
@@ -136,6 +136,8 @@ def _prepare(model: nn.Module, x: torch.Tensor, mode: str, device: torch.device)
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     elif mode == "compile":
         runner = torch.compile(model)
+    elif mode == "fused":  # inference only: fishnet_pl.fuse_for_inference's eval-mode copy
+        runner = fishnet_pl.fuse_for_inference(model)
     elif mode != "eager":
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     return runner, x, autocast
@@ -168,6 +170,8 @@ def _prepared(base: nn.Module, mode: str, *, batch_size: int, image_size: int,
         with torch.inference_mode(), autocast():
             runner(x)
 
+    if mode == "fused":
+        return model, {"infer": infer_step}
     return model, {"train": train_step, "infer": infer_step}
 
 
@@ -195,6 +199,9 @@ def measure_mode(bases: dict[str, nn.Module], mode: str, *, batch_size: int, ima
         times: dict[str, list[float]] = {}
         first_call: dict[str, float] = {}
         for name, (model, step) in prepared.items():
+            if part not in step:
+                results[name][part] = {"error": f"n/a ({mode} is for inference)"}
+                continue
             try:
                 model.train(part == "train")
                 for _ in range(warmup):
@@ -245,6 +252,10 @@ def _ratios(rows: list[dict], baseline: str, macs: dict[str, float | None]) -> N
             if macs.get(row["model"]) and macs.get(baseline):
                 # Multiply-adds per second relative to the baseline: 1.0 = as efficient per GMAC.
                 ours["macs_per_s_vs_baseline"] = ours["vs_baseline"] * macs[row["model"]] / macs[baseline]
+    eager = {row["model"]: row["infer"] for row in rows if row["mode"] == "eager"}
+    for row in rows:  # fuse_for_inference against the same model's eager inference
+        if row["mode"] == "fused" and "images_per_s" in row["infer"] and "images_per_s" in eager.get(row["model"], {}):
+            row["infer"]["vs_eager"] = row["infer"]["images_per_s"] / eager[row["model"]]["images_per_s"]
 
 
 def _fmt(value: float | None, digits: int = 2) -> str | None:
@@ -433,6 +444,9 @@ def report(payload: dict) -> str:
         f"as many multiply-adds per second, below 1 means the model is slower than its MACs predict.",
         "",
         speed_table(payload["results"], s["baseline"]),
+        "",
+        *[f"- `fuse_for_inference` {row['model']}: {row['infer']['vs_eager']:.2f}x its eager inference"
+          for row in payload["results"] if "vs_eager" in row["infer"]],
         "",
         ("Compile seconds are each model's first call, with inductor's on-disk cache cold or warm from an "
          "earlier run." if "compile" in s["modes"] else

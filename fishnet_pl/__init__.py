@@ -18,6 +18,7 @@ from fishnet_pl.models import (  # noqa: F401
     fishnext99_32x4d,
     fishnext150_32x4d,
     fishnext201_32x4d,
+    fuse_for_inference,
     list_backbones,
     load_official_weights,
 )

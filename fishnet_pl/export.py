@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fishnet_pl.inference import build_from_checkpoint, preprocessing, read_checkpoint
+from fishnet_pl.models.fuse import fuse_for_inference
 from fishnet_pl.tasks.base import TaskHead
 
 FORMATS = ("onnx", "pt2")
@@ -75,9 +76,10 @@ def task_of(head: TaskHead) -> str:
 
 def exportable(ckpt: dict[str, Any], input_size: tuple[int, int] | None = None
                ) -> tuple[nn.Module, torch.Tensor, str, list[str], list[str]]:
-    """The wrapper to export (eval mode), an example input, the task, input and output names."""
+    """The wrapper to export (eval mode, BatchNorms folded), an example input, the task, input and output names."""
     network, head = build_from_checkpoint(ckpt)
     info = preprocessing(network, head)
+    network = fuse_for_inference(network, channels_last=False)  # layouts are the runtime's business
     in_channels = ckpt["hyper_parameters"].get("in_channels", 3)
     task = task_of(head)
     if task == "detection":

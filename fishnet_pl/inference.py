@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fishnet_pl.models.fuse import fuse_for_inference
 from fishnet_pl.models.registry import check_backbone_name
 from fishnet_pl.models.weights import CKPT_CLASS_NAMES_KEY
 from fishnet_pl.tasks.base import TaskHead, as_head
@@ -56,7 +57,7 @@ def preprocessing(network: nn.Module, head: TaskHead) -> dict[str, Any]:
     return info
 
 
-def load_network(ckpt_path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+def load_network(ckpt_path: str | os.PathLike, map_location: Any = "cpu", fuse: bool = False) -> nn.Module:
     """The trained task network of a fishnet-pl checkpoint, as a plain ``nn.Module`` in eval mode.
 
     Classification gives the timm classifier, segmentation smp's own model (so ``save_pretrained`` /
@@ -71,10 +72,15 @@ def load_network(ckpt_path: str | os.PathLike, map_location: Any = "cpu") -> nn.
     - ``net.class_names``: the training datamodule's class names (index = label; for detection label - 1),
       or None when the checkpoint has none.
 
-    ``fishnet_pl.export`` wraps the network with its normalisation for ONNX and ``torch.export``.
+    ``fuse=True`` gives ``fuse_for_inference``'s faster eval-only network (BatchNorms folded into the
+    convolutions), whose state dict then no longer matches the architecture's: keep the default for
+    ``save_pretrained`` or further training. ``fishnet_pl.export`` exports the fused network, wrapped with its
+    normalisation, to ONNX and ``torch.export``.
     """
     ckpt = read_checkpoint(ckpt_path, map_location)
     network, head = build_from_checkpoint(ckpt)
+    if fuse:
+        network = fuse_for_inference(network)
     network.preprocessing = preprocessing(network, head)
     names = ckpt.get(CKPT_CLASS_NAMES_KEY)
     network.class_names = list(names) if names is not None else None

@@ -45,6 +45,9 @@ class FishNetModule(L.LightningModule):
         freeze_bn: keep every backbone BatchNorm in eval mode with frozen affine parameters.
         unfreeze_at_epoch: with ``frozen_stages``, unfreeze the backbone at this epoch (0 = never).
         grad_checkpointing: recompute backbone activations in backward to save memory.
+        compile: compile the network with ``torch.compile`` (in place, so checkpoints keep their keys);
+            true, or a dict of ``torch.compile`` arguments (e.g. ``{mode: max-autotune}``). The first steps
+            of a run wait for the compilation (minutes on a CPU; inductor caches it for later runs).
         optimizer: "sgd" (momentum, the authors' choice) or "adamw".
         lr: peak learning rate; default 0.1 x global batch / 256 for SGD, 1e-3 x global batch / 256 for AdamW.
         momentum: SGD momentum.
@@ -68,6 +71,7 @@ class FishNetModule(L.LightningModule):
         freeze_bn: bool = False,
         unfreeze_at_epoch: int = 0,
         grad_checkpointing: bool = False,
+        compile: bool | dict[str, Any] = False,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float | None = None,
         momentum: float = 0.9,
@@ -90,6 +94,8 @@ class FishNetModule(L.LightningModule):
         freeze(self.backbone, backbone, frozen_stages, freeze_bn)
         if grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
+        if compile:
+            self.network.compile(**(compile if isinstance(compile, dict) else {}))
 
     @property
     def backbone(self) -> torch.nn.Module:

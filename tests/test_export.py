@@ -92,6 +92,10 @@ def test_load_network_matches_module(ckpts):
         if task == "segmentation":
             assert pre["pad_multiple"] == module.head.pad_multiple == 32  # FishNet's output stride
         torch.testing.assert_close(net(normalized(net, x)), module(x), rtol=0, atol=1e-6)
+        fused = load_network(path, fuse=True)  # BatchNorms folded, channels_last: same outputs, no BN after a conv
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()) < sum(
+            isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+        torch.testing.assert_close(fused(normalized(net, x)), module(x), rtol=1e-4, atol=1e-4)
 
 
 def test_load_network_without_lightning_and_smp_pretrained(ckpts, tmp_path):
@@ -147,7 +151,7 @@ def test_export_classification(ckpts, tmp_path):
         ref = module(x)
         (logits,) = ort_run(onnx_file, x)
         np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(program(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(program(x), ref, atol=1e-4, rtol=1e-4)  # BatchNorms folded: rounding
 
 
 @torch.no_grad()
@@ -163,7 +167,7 @@ def test_export_segmentation(ckpts, tmp_path):
         (logits,) = ort_run(onnx_file, x)
         assert logits.shape == (shape[0], 3, *shape[2:])
         np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(program(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(program(x), ref, atol=1e-4, rtol=1e-4)  # BatchNorms folded: rounding
 
 
 @torch.no_grad()

@@ -104,3 +104,11 @@ def test_frozen_stages_and_frozen_bn_work_on_any_timm_backbone():
     torch.testing.assert_close(module.backbone.bn1.running_mean, before)
     with pytest.raises(ValueError, match="frozen_stages must be in 0..5 for resnet18"):
         FishNetModule(backbone="resnet18", num_classes=3, frozen_stages=6)
+
+
+def test_compile_compiles_the_network_in_place_so_checkpoints_keep_their_keys():
+    plain = FishNetModule(backbone="fishnet_tiny", num_classes=4)
+    compiled = FishNetModule(backbone="fishnet_tiny", num_classes=4, compile={"mode": "reduce-overhead"})
+    assert compiled.network._compiled_call_impl is not None and plain.network._compiled_call_impl is None
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
+    assert compiled.hparams.compile == {"mode": "reduce-overhead"}  # restored from checkpoints like the rest

@@ -13,5 +13,6 @@ from fishnet_pl.models.fishnet import (  # noqa: F401  (importing registers the 
     fishnext150_32x4d,
     fishnext201_32x4d,
 )
+from fishnet_pl.models.fuse import fuse_for_inference  # noqa: F401
 from fishnet_pl.models.official import load_official_weights  # noqa: F401
 from fishnet_pl.models.registry import create_backbone, list_backbones  # noqa: F401

@@ -104,7 +104,8 @@ class Bottleneck(nn.Module):
             shortcut = self.shortcut(x)
         else:
             shortcut = x
-        return out + shortcut
+        # In place: conv3's output is needed by no backward, and a fresh full-size sum costs ~10% of inference.
+        return out.add_(shortcut)
 
 
 def _blocks(in_ch: int, out_ch: int, n: int, cfg: FishNetConfig, *, dilation: int = 1,
