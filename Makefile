@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile  # a file's tests (and its module fixtures) on one worker
 
 demo: $(STAMP)
 	$(PY) -m fishnet_pl.demo
