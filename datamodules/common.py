@@ -105,7 +105,8 @@ def write_once(root: str | os.PathLike, complete: Callable[[Path], bool], write:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not complete(root):  # not another process finishing first: root holds something else
-            raise DatasetError(f"{root}: exists and is not empty, but holds no {what}") from None
+            raise DatasetError(f"{root}: exists and is not empty, but holds no {what}; to read the dataset "
+                               "there, set quickstart: false (--data.init_args.quickstart false)") from None
     return root
 
 

@@ -323,5 +323,5 @@ def test_quickstart_is_written_once_in_the_official_layout_and_trains(tmp_path):
     assert images[0].stat().st_mtime_ns == mtime
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "mine.txt").write_text("")
-    with pytest.raises(DatasetError, match="other: exists and is not empty"):
+    with pytest.raises(DatasetError, match="other: exists and is not empty.*--data.init_args.quickstart false"):
         write_cityscapes(tmp_path / "other")
