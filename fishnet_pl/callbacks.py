@@ -63,7 +63,7 @@ class ClassificationPredictionWriter(PredictionWriter):
     """One JSON line per image in ``predictions.jsonl``: path, top-5 class indices, names, probabilities."""
 
     def write(self, records, out_dir, datamodule, head, first):
-        names = getattr(datamodule, "classes", None) or head.class_names
+        names = head.class_names  # the datamodule's, passed on by the module's setup
         with open(out_dir / "predictions.jsonl", "w" if first else "a") as f:
             for r in records:
                 if names is not None:
@@ -99,7 +99,7 @@ class DetectionPredictionWriter(PredictionWriter):
                (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40))
 
     def write(self, records, out_dir, datamodule, head, first):
-        names = getattr(datamodule, "class_names", None) or head.class_names
+        names = head.class_names  # the datamodule's, passed on by the module's setup
         category_of = getattr(datamodule, "label_to_category_id", None) or {}
         with open(out_dir / "detections.jsonl", "w" if first else "a") as f:
             for r in records:

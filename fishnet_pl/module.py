@@ -116,10 +116,10 @@ class FishNetModule(L.LightningModule):
         # Where the backbone sits, so --model.backbone_weights can start any task from this file.
         prefix = f"network.{self.head.backbone_path}." if self.head.backbone_path else "network."
         checkpoint[CKPT_BACKBONE_KEY] = {"name": self.hparams.backbone, "prefix": prefix}
-        # The dataset's class names, so fishnet_pl.load_network can label predictions without the datamodule.
-        names = _class_names(self)
-        if names is not None:
-            checkpoint[CKPT_CLASS_NAMES_KEY] = names
+        # The dataset's class names (setup passed the datamodule's to the head), so fishnet_pl.load_network
+        # can label predictions without the datamodule.
+        if self.head.class_names is not None:
+            checkpoint[CKPT_CLASS_NAMES_KEY] = list(self.head.class_names)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

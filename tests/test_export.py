@@ -17,7 +17,7 @@ import torch
 from fishnet_pl.cli import main
 from fishnet_pl.export import export_checkpoint
 from fishnet_pl.inference import load_network
-from fishnet_pl.module import FishNetModule
+from fishnet_pl.module import FishNetModule, _class_names
 from fishnet_pl.tasks import ClassificationHead, DetectionHead, SegmentationHead
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +29,9 @@ def make_checkpoint(path: Path, head, num_classes: int, datamodule=None) -> Fish
     """A checkpoint as Lightning writes it (the keys load_network reads), from a fresh tiny module."""
     torch.manual_seed(0)
     module = FishNetModule(head, backbone="fishnet_tiny", num_classes=num_classes).eval()
-    if datamodule is not None:
-        module._trainer = SimpleNamespace(datamodule=datamodule)  # what on_save_checkpoint reads class names from
+    if datamodule is not None:  # what the module's setup does with a trainer's datamodule
+        module._trainer = SimpleNamespace(datamodule=datamodule)
+        module.head.set_class_names(_class_names(module))
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
             "pytorch-lightning_version": "2.6.6", "epoch": 0, "global_step": 0}
     module.on_save_checkpoint(ckpt)
