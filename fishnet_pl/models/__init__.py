@@ -15,4 +15,5 @@ from fishnet_pl.models.fishnet import (  # noqa: F401  (importing registers the 
 )
 from fishnet_pl.models.fuse import fuse_for_inference  # noqa: F401
 from fishnet_pl.models.official import load_official_weights  # noqa: F401
+from fishnet_pl.models.pretrained import resolve_weights, weight_names  # noqa: F401
 from fishnet_pl.models.registry import create_backbone, list_backbones  # noqa: F401

@@ -473,12 +473,41 @@ def _cfg(**kwargs) -> dict:
             "paper_ids": "arXiv:1901.03495", "origin_url": "https://github.com/kevin-ssy/FishNet", **kwargs}
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANT_CONFIGS})
+# The authors' released ImageNet-1k classifiers (the "Models" tables of github.com/kevin-ssy/FishNet's README) as
+# timm tags; a variant's first tag is its default (``fishnet150`` = ``fishnet150.in1k``). Their Dropbox share links
+# serve the file itself with ``dl=1``; ``pretrained.py`` downloads, checks and caches them. FishNet-201 was released
+# only "well-trained" (its plain row still reads "Available Soon"). Top-1 / top-5 are the authors' (224 centre crop).
+_DROPBOX = "https://www.dropbox.com/s/"
+_RELEASED = {
+    "fishnet99.in1k": _cfg(
+        url=_DROPBOX + "hvojbdsad5ue7yb/fishnet99_ckpt.tar?dl=1", description="trained without tricks: 77.41 / 93.59",
+        notes=("Baidu Yun mirror: https://pan.baidu.com/s/11U3sRod1VfbDBRbmXph6KA",)),
+    "fishnet150.in1k": _cfg(
+        url=_DROPBOX + "hjadcef18ln3o2v/fishnet150_ckpt.tar?dl=1", description="trained without tricks: 78.14 / 93.95",
+        notes=("Baidu Yun mirror: https://pan.baidu.com/s/1uOEFsBHIdqpDLrbfCZJGUg",)),
+    "fishnet150.welltrained_in1k": _cfg(
+        url=_DROPBOX + "ajy9p6f97y45f1r/fishnet150_ckpt_welltrained.tar?dl=1",
+        description="cosine LR, 200 epochs, label smoothing: 79.35 / 94.75",
+        notes=("Baidu Yun mirror: https://pan.baidu.com/s/1pt31cp-xGcsRJKZAPcp4yQ",)),
+    "fishnet201.welltrained_in1k": _cfg(
+        url=_DROPBOX + "kvz2dmxe3fzn10m/fishnet201_ckpt_welltrain.tar?dl=1",
+        description="cosine LR, 200 epochs, label smoothing: 79.71 / 94.79"),
+}
+# sha256 of each released file, checked before every use once recorded here. None: not recorded yet (the layout and
+# every shape are checked anyway); write in the digest of a file downloaded from the URL above.
+FILE_SHA256: dict[str, str | None] = dict.fromkeys(_RELEASED)
+default_cfgs = generate_default_cfgs({**_RELEASED, **{name: _cfg() for name in VARIANT_CONFIGS
+                                                      if not any(t.startswith(f"{name}.") for t in _RELEASED)}})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> FishNet:
     # features_only: timm's FeatureGetterNet over forward_intermediates (FishNet's body and head re-use
     # tail maps, so replaying top-level children, timm's default wrapper, cannot extract them).
+    if pretrained:  # a released file comes from pretrained.py's checked cache, not from timm's unchecked download
+        from fishnet_pl.models.pretrained import with_local_file
+
+        kwargs["pretrained_cfg"] = with_local_file(variant, kwargs.pop("pretrained_cfg", None),
+                                                   kwargs.pop("pretrained_cfg_overlay", None), kwargs.get("cache_dir"))
     return build_model_with_cfg(FishNet, variant, pretrained, model_cfg=VARIANT_CONFIGS[variant],
                                 pretrained_filter_fn=_official_to_ours,
                                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3, 4)), **kwargs)

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fishnet_pl.models.fishnet import FishNet
 from fishnet_pl.models.official import is_official_layout, read_checkpoint, to_our_layout
+from fishnet_pl.models.pretrained import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 CKPT_BACKBONE_KEY = "fishnet_pl_backbone"
 #: Key under which they store the datamodule's class names (absent when it had none).
 CKPT_CLASS_NAMES_KEY = "fishnet_pl_class_names"
+#: Key under which they store how to prepare images to predict (``datamodules.predict.PredictFolderDataModule``'s
+#: arguments: the datamodule's ``predict_config``, ``palette``, ``label_to_category_id``).
+CKPT_PREDICT_DATA_KEY = "fishnet_pl_predict_data"
 
 
 @functools.cache
@@ -143,7 +147,10 @@ def _as_tuple(value) -> tuple:
 
 def load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLike) -> list[str]:
     """Load a weights file (see module docstring) into ``backbone``, the timm model ``name`` as a task
-    holds it; returns the file's tensors left out (a classifier of another size, or absent layers)."""
+    holds it; returns the file's tensors left out (a classifier of another size, or absent layers).
+    ``path`` may also name the authors' released weights (``fishnet150``, ``fishnet150.welltrained_in1k``, ...:
+    ``pretrained.resolve_weights`` downloads them once into torch's hub cache)."""
+    path = resolve_weights(path, name)
     ours = backbone.state_dict()
     state = read_backbone_weights(path, name, {to_classifier_key(name, k) for k in ours} - {None})
     cfg = _classifier(name).pretrained_cfg
