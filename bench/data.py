@@ -7,6 +7,11 @@ alone is timed too, to split the cost between the JPEG/PNG decoder and the augme
 
 Without ``--root`` it uses each datamodule's quickstart data, written to a temporary folder:
 real files in the real layouts, but small images, so real datasets (larger JPEGs) decode slower.
+
+``--source shards`` (or ``folder,shards``) times ImageNet read from LitData shards instead
+(``datamodules.streaming``: the same decoding and augmentation, the images read from a few large
+files rather than one file each): ``--shards`` names converted ones (needed with ``--root``), else the
+quickstart data is converted into a temporary folder.
 """
 
 from __future__ import annotations
@@ -87,6 +92,51 @@ def measure(name: str, root: Path, quickstart: bool, seconds: float) -> dict:
     }
 
 
+def measure_shards(shards: str | None, seconds: float, tmp: Path) -> dict:
+    """``measure``'s numbers for ImageNet streamed from LitData shards (default: the quickstart data converted)."""
+    import io
+
+    from litdata import StreamingDataset
+
+    from datamodules.common import read_rgb
+    from datamodules.quickstart import write_classification
+    from datamodules.streaming import StreamingImageNetDataModule, convert_imagenet
+
+    if shards is None:
+        shards = str(tmp / "imagenet-shards")
+        convert_imagenet(str(write_classification(tmp / "imagenet")), shards, num_workers=1)
+    datamodule = StreamingImageNetDataModule(shards, num_workers=0)
+    datamodule.setup("fit")
+    dataset, raw = datamodule.datasets["train"], StreamingDataset(f"{shards.rstrip('/')}/train")
+    sizes = []
+    for _, record in zip(range(200), raw):
+        with Image.open(io.BytesIO(record["image"])) as image:  # reads the header only
+            sizes.append(image.size)
+    # One worker's loop: the dataset's own iteration (shard reads, decode, augment), restarted at its end.
+    streams = {"item": iter(dataset), "decode": iter(raw)}
+
+    def take(kind: str):
+        try:
+            return next(streams[kind])
+        except StopIteration:
+            streams[kind] = iter(dataset if kind == "item" else raw)
+            return next(streams[kind])
+
+    item_rate, items = _rate(lambda i: take("item"), len(dataset), seconds)
+    decode_rate, _ = _rate(lambda i: read_rgb(io.BytesIO(take("decode")["image"])), len(raw), seconds)
+    return {
+        "images_per_s": item_rate,
+        "items_timed": items,
+        "decode_images_per_s": decode_rate,
+        "decode_share": item_rate / decode_rate,
+        "train_images": len(dataset),
+        "source_megapixels_median": statistics.median(w * h for w, h in sizes) / 1e6,
+        "source_size_example": f"{sizes[0][0]}x{sizes[0][1]}",
+        "output_shape": "x".join(map(str, take("item")["image"].shape)),
+        "shards": shards,
+    }
+
+
 def report(payload: dict) -> str:
     m, s = payload["machine"], payload["settings"]
     header = ["datamodule", "train images/s per worker", "decode only images/s", "decode share",
@@ -105,7 +155,8 @@ def report(payload: dict) -> str:
         "",
         f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}, torchvision {m['torchvision']}. "
         "`train images/s` is the training dataset's `__getitem__` (decode, augment, to tensor) in one process; "
-        "`decode share` is the part of it spent decoding the image file.",
+        "`decode share` is the part of it spent decoding the image file (from shards: reading the record and "
+        "decoding it).",
         "",
         markdown_table(header, rows),
         *(["", "Quickstart images are small (see the source column); real ImageNet JPEGs (~0.1-0.2 MP) and "
@@ -123,11 +174,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="timing per datamodule, and again for decoding (default: 3)")
     parser.add_argument("--root", help="folder with one dataset per datamodule name (<root>/imagenet, ...); "
                                        "default: quickstart data in a temporary folder")
+    parser.add_argument("--source", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                        default=["folder"], help="folder (one file per image, the default), shards (ImageNet "
+                                                 "from LitData shards, datamodules.streaming), or folder,shards")
+    parser.add_argument("--shards", help="converted ImageNet shards (a folder or s3:// URL) for --source shards; "
+                                         "default: the quickstart data, converted into a temporary folder")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and OpenCV threads; 1 (the default) is what a DataLoader worker gives torch")
     parser.add_argument("--json", default=str(RESULTS_DIR / "data.json"),
                         help="where to write the results (default: bench/results/data.json)")
     args = parser.parse_args(argv)
+    if not args.source or set(args.source) - {"folder", "shards"}:
+        parser.error(f"--source takes folder, shards or folder,shards; got {','.join(args.source)}")
+    if "shards" in args.source and args.root and not args.shards:
+        parser.error("--source shards with --root needs --shards: convert once with "
+                     "python -m datamodules.streaming convert --data imagenet --root ... --output ...")
     unknown = [d for d in args.datamodules if d not in DATAMODULES]
     if unknown:
         parser.error(f"unknown datamodule(s) {', '.join(unknown)}; choose from {', '.join(DATAMODULES)}")
@@ -147,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads[0])
         cv2.setNumThreads(threads[1])
     payload = {"machine": machine_info(),
-               "settings": {"datamodules": args.datamodules, "seconds": args.seconds, "threads": args.threads,
+               "settings": {"datamodules": args.datamodules, "source": args.source, "seconds": args.seconds,
+                            "threads": args.threads,
                             "data": args.root or "quickstart data"},
                "results": results}
     print(report(payload))
@@ -166,11 +228,18 @@ def _measure_all(args: argparse.Namespace) -> dict:
                 print(f"note: skipping {name}: {err}", file=sys.stderr)
                 results[name] = {"skipped": f"not importable ({err})"}
                 continue
-            print(f"{name} ...", file=sys.stderr, flush=True)
-            try:
-                results[name] = measure(name, base / name, quickstart=not args.root, seconds=args.seconds)
-            except Exception as err:  # one datamodule failing must not end the run
-                results[name] = {"error": f"failed: {type(err).__name__}: {err}"[:160]}
+            if "folder" in args.source:
+                print(f"{name} ...", file=sys.stderr, flush=True)
+                try:
+                    results[name] = measure(name, base / name, quickstart=not args.root, seconds=args.seconds)
+                except Exception as err:  # one datamodule failing must not end the run
+                    results[name] = {"error": f"failed: {type(err).__name__}: {err}"[:160]}
+            if "shards" in args.source and name == "imagenet":
+                print(f"{name} from shards ...", file=sys.stderr, flush=True)
+                try:
+                    results[f"{name} (shards)"] = measure_shards(args.shards, args.seconds, Path(tmp))
+                except Exception as err:
+                    results[f"{name} (shards)"] = {"error": f"failed: {type(err).__name__}: {err}"[:160]}
     return results
 
 
