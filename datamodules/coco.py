@@ -23,9 +23,17 @@ import pycocotools.mask as mask_utils
 import torch
 from albumentations.pytorch import ToTensorV2
 from pycocotools.coco import COCO
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from datamodules.common import AugmentedDataModule, DatasetError, read_rgb, require_dir, seed_pipeline, seed_worker
+from datamodules.common import (
+    AugmentedDataModule,
+    AugmentedDataset,
+    DatasetError,
+    ResumableRandomSampler,
+    make_loader,
+    read_rgb,
+    require_dir,
+)
 from datamodules.quickstart_detection import DETECTION_CATEGORIES, write_detection
 
 log = logging.getLogger(__name__)
@@ -173,7 +181,7 @@ def eval_transform() -> A.Compose:
     return A.Compose([A.ToFloat(max_value=255), ToTensorV2()])
 
 
-class CocoDataset(Dataset):
+class CocoDataset(AugmentedDataset):
     """COCO images with torchvision detection targets; ``with_masks`` adds uint8 [N, H, W] instance masks."""
 
     def __init__(self, images: list[CocoImage], transform: A.Compose, with_masks: bool):
@@ -187,39 +195,44 @@ class CocoDataset(Dataset):
         """0 for wide (or square) images, 1 for tall ones, from the json's sizes (no image is decoded)."""
         return [int(record.width < record.height) for record in self.images]
 
-    def reseed(self, seed: int) -> None:
-        seed_pipeline(self.transform, seed)
-
     def __getitem__(self, index: int) -> dict:
         record = self.images[index]
-        image = read_rgb(record.path)
-        if image.shape[:2] != (record.height, record.width):
-            raise DatasetError(f"{record.path}: image is {image.shape[0]}x{image.shape[1]} (height x width), "
-                               f"its annotations say {record.height}x{record.width}")
-        masks = [decode_segmentation(s, record.height, record.width) for s in record.segmentations]
-        out = self.transform(image=image, masks=masks, bboxes=record.boxes, ann_index=np.arange(len(record.boxes)))
-        image = out["image"]
-        # Boxes may vanish in a transform; the surviving annotation indices select labels and masks alike.
-        boxes = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
-        keep = torch.as_tensor(np.asarray(out["ann_index"], np.int64))
-        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        boxes, keep = boxes[valid], keep[valid]
-        scale = image.shape[1] * image.shape[2] / (record.height * record.width)
-        target = {
-            "boxes": boxes,
-            "labels": torch.from_numpy(record.labels)[keep],
-            "image_id": record.image_id,
-            "iscrowd": torch.from_numpy(record.iscrowd)[keep],
-            "area": torch.from_numpy(record.areas)[keep] * scale,
-        }
-        if self.with_masks:
-            masks = out["masks"]  # ToTensorV2 made each uint8 [H, W] mask a tensor
-            masks = torch.stack(masks) if len(masks) else torch.zeros((0, *image.shape[1:]), dtype=torch.uint8)
-            target["masks"] = masks[keep]
-        return {"image": image, "target": target, "path": str(record.path)}
+        return {**detection_sample(record, read_rgb(record.path), self.transform, self.with_masks),
+                "path": str(record.path)}
 
 
-class PredictDataset(Dataset):
+def detection_sample(record: CocoImage, image: np.ndarray, transform: A.Compose, with_masks: bool) -> dict:
+    """``{"image", "target"}`` of one decoded image (uint8 [H, W, 3]) and its record, through ``transform``.
+
+    Shared by ``CocoDataset`` and the LitData shards' ``datamodules.streaming.StreamingCocoDataset``.
+    """
+    if image.shape[:2] != (record.height, record.width):
+        raise DatasetError(f"{record.path}: image is {image.shape[0]}x{image.shape[1]} (height x width), "
+                           f"its annotations say {record.height}x{record.width}")
+    masks = [decode_segmentation(s, record.height, record.width) for s in record.segmentations]
+    out = transform(image=image, masks=masks, bboxes=record.boxes, ann_index=np.arange(len(record.boxes)))
+    image = out["image"]
+    # Boxes may vanish in a transform; the surviving annotation indices select labels and masks alike.
+    boxes = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
+    keep = torch.as_tensor(np.asarray(out["ann_index"], np.int64))
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, keep = boxes[valid], keep[valid]
+    scale = image.shape[1] * image.shape[2] / (record.height * record.width)
+    target = {
+        "boxes": boxes,
+        "labels": torch.from_numpy(record.labels)[keep],
+        "image_id": record.image_id,
+        "iscrowd": torch.from_numpy(record.iscrowd)[keep],
+        "area": torch.from_numpy(record.areas)[keep] * scale,
+    }
+    if with_masks:
+        masks = out["masks"]  # ToTensorV2 made each uint8 [H, W] mask a tensor
+        masks = torch.stack(masks) if len(masks) else torch.zeros((0, *image.shape[1:]), dtype=torch.uint8)
+        target["masks"] = masks[keep]
+    return {"image": image, "target": target}
+
+
+class PredictDataset(AugmentedDataset):
     """Images only, with their COCO id where known."""
 
     def __init__(self, samples: list[tuple[Path, int | None]], transform: A.Compose):
@@ -227,9 +240,6 @@ class PredictDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def reseed(self, seed: int) -> None:
-        seed_pipeline(self.transform, seed)
 
     def __getitem__(self, index: int) -> dict:
         path, image_id = self.samples[index]
@@ -259,13 +269,34 @@ class GroupedBatchSampler(BatchSampler):
     ``drop_last=False`` (Lightning sets it when predicting) every index comes exactly once and
     only the final batches may mix groups. A ``BatchSampler`` with a ``sampler`` argument, so
     Lightning can re-create it around a ``DistributedSampler`` under DDP.
+
+    ``Stateful`` for torchdata's ``StatefulDataLoader``: ``state_dict`` holds the batches of this epoch given
+    so far and the sampler's state (a ``ResumableRandomSampler``'s epoch seed; a ``DistributedSampler``'s
+    order follows from its epoch), so a resumed run continues the same epoch with the same batches.
     """
 
     def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool, group_ids: list[int]):
         super().__init__(sampler, batch_size, drop_last)
         self.group_ids = list(group_ids)
+        self.yielded, self._skip = 0, 0
+
+    def state_dict(self) -> dict:
+        sampler = self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None
+        return {"yielded": self.yielded, "sampler": sampler}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict["sampler"] is not None:
+            self.sampler.load_state_dict(state_dict["sampler"])
+        self._skip = state_dict["yielded"]
 
     def __iter__(self):
+        skip, self._skip, self.yielded = self._skip, 0, 0
+        for batch in self._batches():
+            self.yielded += 1
+            if self.yielded > skip:
+                yield batch
+
+    def _batches(self):
         buffers, seen, count = defaultdict(list), defaultdict(list), 0
         for index in self.sampler:
             group = self.group_ids[index]
@@ -363,6 +394,12 @@ class COCODataModule(AugmentedDataModule):
         return {label: c["id"] for label, c in enumerate(self.categories, 1)}
 
     @property
+    def predict_config(self) -> dict:
+        """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
+        return {"transform": "datamodules.coco.eval_transform", "collate": "datamodules.coco.collate_detection",
+                "batch_size": self.batch_size}
+
+    @property
     def category_id_to_label(self) -> dict[int, int]:
         return {c["id"]: label for label, c in enumerate(self.categories, 1)}
 
@@ -414,14 +451,13 @@ class COCODataModule(AugmentedDataModule):
         return self.datasets[split]
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(dataset, collate_fn=collate_detection, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory and torch.cuda.is_available(), worker_init_fn=seed_worker,
-                          persistent_workers=False, **kwargs)  # fresh workers each epoch draw fresh seeds
+        return make_loader(dataset, collate_fn=collate_detection, num_workers=self.num_workers,
+                           pin_memory=self.pin_memory, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train")
         if self.group_aspect_ratio:
-            sampler = GroupedBatchSampler(RandomSampler(dataset), self.batch_size, True, dataset.group_ids)
+            sampler = GroupedBatchSampler(ResumableRandomSampler(dataset), self.batch_size, True, dataset.group_ids)
             return self._loader(dataset, batch_sampler=sampler)
         return self._loader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=True)
 

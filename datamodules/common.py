@@ -7,6 +7,11 @@ repeat each other's augmentations. ``seed_worker`` (the loaders' ``worker_init_f
 the dataset's pipeline from torch's per-worker seed, which torch derives from the run seed
 (``seed_everything``) and the worker id.
 
+Every loader is torchdata's ``StatefulDataLoader`` (``make_loader``): Lightning saves its ``state_dict``
+in each checkpoint (the position in the epoch, the shuffling seed, the workers' seed and each worker's
+augmentation stream, from ``AugmentedDataset.state_dict``), so a run resumed mid-epoch sees the same
+batches, augmented the same way, as the run that was interrupted.
+
 Every datamodule delivers images as float32 in [0, 1] (the uint8 value / 255, ``A.ToFloat(max_value=255)``),
 ``[3, H, W]``, unnormalised: the model normalises with its backbone's timm ``pretrained_cfg`` mean/std.
 """
@@ -17,13 +22,22 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, default_collate
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
+
+# torchdata 0.11 calls torch.set_vital in every StatefulDataLoader (Lightning re-creates them under DDP): a
+# deprecation warning of torch 2.14 that says nothing to a user.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 class DatasetError(ValueError):
@@ -87,6 +101,93 @@ def load_pipeline_state(transform, state: dict) -> None:
     transform.set_random_state(generator, py_random)
 
 
+class AugmentedDataset(Dataset):
+    """A map-style dataset whose albumentations ``transform`` draws from its own random stream.
+
+    ``reseed`` starts the stream (``seed_worker`` calls it in each loader worker); ``state_dict`` /
+    ``load_state_dict`` make the dataset ``Stateful`` for torchdata's ``StatefulDataLoader``, which
+    snapshots it in every worker with each batch and restores it in the new workers of a resumed run.
+    """
+
+    transform: Any
+
+    def reseed(self, seed: int) -> None:
+        seed_pipeline(self.transform, seed)
+
+    def state_dict(self) -> dict:
+        return pipeline_state(self.transform)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        load_pipeline_state(self.transform, state_dict)
+
+
+class ResumableRandomSampler(StatefulRandomSampler, torch.utils.data.RandomSampler):
+    """Shuffles like torch's ``RandomSampler``, and resumes mid-epoch like torchdata's.
+
+    Each epoch's order comes from a seed drawn from torch's global random state when the epoch starts,
+    as torch's sampler does, so the run seed fixes it and ``RNGStateCheckpoint`` continues it across
+    an epoch boundary (torchdata's own sampler seeds its generator once, when the loader is built, so a
+    run resumed at epoch 3 would shuffle like epoch 1). torchdata's iterator saves the position inside
+    the epoch; ``state_dict`` saves the epoch's seed. Also a torch ``RandomSampler``, which is how
+    Lightning knows to shuffle in the ``DistributedSampler`` it puts in its place under DDP.
+    """
+
+    def __init__(self, data_source):
+        super().__init__(data_source, generator=torch.Generator())
+        self._epoch_state: torch.Tensor | None = None
+        self._resume_state: torch.Tensor | None = None
+
+    def __iter__(self):
+        if self._resume_state is not None:
+            self.generator.set_state(self._resume_state)
+            self._resume_state = None
+        else:
+            self.generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        self._epoch_state = self.generator.get_state()
+        return super().__iter__()
+
+    def state_dict(self) -> dict:
+        return {"epoch_generator": self._epoch_state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_state = state_dict["epoch_generator"]
+
+
+def make_loader(dataset: Dataset, *, batch_size: int = 1, shuffle: bool = False, drop_last: bool = False,
+                num_workers: int = 0, pin_memory: bool = False, collate_fn: Callable | None = None,
+                batch_sampler: Any = None) -> StatefulDataLoader:
+    """The data loader of every datamodule: torchdata's ``StatefulDataLoader``, resumable mid-epoch.
+
+    Lightning saves the training loader's ``state_dict`` in each checkpoint and restores it on
+    ``--ckpt_path``: the position in the epoch, the epoch's shuffling seed (``ResumableRandomSampler``;
+    a ``batch_sampler`` should be ``Stateful`` too), the workers' base seed and each worker's
+    augmentation stream (an ``AugmentedDataset``'s ``state_dict``, snapshot with every batch).
+    ``seed_worker`` seeds each worker's stream from the run seed; workers are not persistent, so each
+    epoch's workers draw fresh seeds from the (checkpointed) global random state. ``pin_memory`` only
+    applies on a GPU machine.
+    """
+    if batch_sampler is not None:
+        batching = {"batch_sampler": batch_sampler}
+    else:
+        sampler = ResumableRandomSampler(dataset) if shuffle else None
+        batching = {"batch_size": batch_size, "sampler": sampler, "drop_last": drop_last}
+    return StatefulDataLoader(dataset, num_workers=num_workers, collate_fn=collate_fn,
+                              pin_memory=pin_memory and torch.cuda.is_available(), worker_init_fn=seed_worker,
+                              persistent_workers=False, **batching)
+
+
+def collate_same_size(items: list[dict], option: str = "val_batch_size") -> dict:
+    """``default_collate``, with an error naming two files when images differ in size (evaluation and
+    prediction keep each image's size); ``option`` is the datamodule argument that sets the batch size."""
+    sizes = {tuple(item["image"].shape[1:]): item["path"] for item in items}
+    if len(sizes) > 1:
+        (size_a, path_a), (size_b, path_b) = list(sizes.items())[:2]
+        raise DatasetError(f"{path_a} ({size_a[0]}x{size_a[1]}) and {path_b} ({size_b[0]}x{size_b[1]}): each image "
+                           f"keeps its size, so images of different sizes cannot share a batch of {len(items)}; "
+                           f"set {option} 1 (--data.init_args.{option} 1)")
+    return default_collate(items)
+
+
 def write_once(root: str | os.PathLike, complete: Callable[[Path], bool], write: Callable[[Path], None],
                what: str) -> Path:
     """Write a generated dataset into ``root`` unless ``complete(root)`` says it is there; returns ``root``.
@@ -122,7 +223,8 @@ class AugmentedDataModule(L.LightningDataModule):
     """A datamodule whose ``datasets["train"]`` has a seeded albumentations ``transform``.
 
     Checkpoints carry the main-process augmentation stream (what ``num_workers=0`` draws from), so a
-    resumed run continues it; worker processes reseed from the run seed each epoch (``seed_worker``).
+    run resumed at an epoch boundary continues it; worker processes reseed from the run seed each epoch
+    (``seed_worker``). Inside an epoch, the train loader's own state (``make_loader``) takes over.
     """
 
     datasets: dict

@@ -13,15 +13,15 @@ import albumentations as A
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from datamodules.common import (
     AugmentedDataModule,
+    AugmentedDataset,
     DatasetError,
+    make_loader,
     read_rgb,
     require_dir,
-    seed_pipeline,
-    seed_worker,
 )
 from datamodules.quickstart import CLASSIFICATION_CLASSES, write_classification
 
@@ -70,7 +70,7 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-class ImageDataset(Dataset):
+class ImageDataset(AugmentedDataset):
     """(path, label) pairs through an albumentations pipeline; ``label`` is -1 where unknown (predict).
 
     With ``skip_unreadable``, an unreadable image is replaced by the next readable one and counted
@@ -83,9 +83,6 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def reseed(self, seed: int) -> None:
-        seed_pipeline(self.transform, seed)
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.samples)):
@@ -157,6 +154,12 @@ class ImageNetDataModule(AugmentedDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def predict_config(self) -> dict:
+        """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
+        return {"transform": "datamodules.imagenet.eval_transform", "batch_size": self.batch_size,
+                "transform_kwargs": {"image_size": self.image_size, "resize": self.val_resize}}
+
     def prepare_data(self) -> None:
         if self.quickstart:
             write_classification(self.root)
@@ -212,10 +215,8 @@ class ImageNetDataModule(AugmentedDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"{split} data is not set up; call setup() with the matching stage first")
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-                          worker_init_fn=seed_worker,
-                          persistent_workers=False)  # fresh workers each epoch draw fresh seeds (exact resume)
+        return make_loader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
+                           num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -14,7 +14,10 @@ import lightning as L
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from PIL import Image
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
@@ -31,12 +34,14 @@ class PredictionWriter(BasePredictionWriter):
 
     ``output_dir`` defaults to ``<default_root_dir>/predictions``; a run's first batch replaces the files
     of an earlier run. Subclasses write one task's records (``TaskHead.predict_step``); ``for_head``
-    picks the writer of a head.
+    picks the writer of a head. Files a batch lists as ``unreadable`` (``datamodules.predict`` skips
+    them) go to ``unreadable.txt``, one path per line, and are counted at the end.
     """
 
     def __init__(self, output_dir: str | Path | None = None):
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
+        self.unreadable: list[str] = []
 
     @staticmethod
     def for_head(head: TaskHead, output_dir: str | Path | None = None) -> PredictionWriter | None:
@@ -53,6 +58,20 @@ class PredictionWriter(BasePredictionWriter):
             out = out / f"rank{trainer.global_rank}"
         out.mkdir(parents=True, exist_ok=True)
         self.write(prediction, out, trainer.datamodule, pl_module.head, first=batch_idx == 0)
+        if batch_idx == 0:
+            self.unreadable = []
+            (out / "unreadable.txt").unlink(missing_ok=True)
+        skipped = batch.get("unreadable") if isinstance(batch, dict) else None
+        if skipped:
+            self.unreadable += skipped
+            with open(out / "unreadable.txt", "a") as f:
+                f.writelines(f"{path}\n" for path in skipped)
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        super().on_predict_epoch_end(trainer, pl_module)
+        if self.unreadable:
+            log.warning("skipped %d unreadable images (listed in unreadable.txt), e.g. %s", len(self.unreadable),
+                        self.unreadable[0])
 
     def write(self, records: list[dict[str, Any]], out_dir: Path, datamodule: Any, head: TaskHead,
               first: bool) -> None:
@@ -163,24 +182,90 @@ class RNGStateCheckpoint(L.Callback):
 
     Shuffling, the data workers' augmentation seeds and MixUp/CutMix all draw from these states,
     so a run resumed from a checkpoint continues with exactly the random streams it had.
+
+    It also puts the training iterator of a resumed run where the interrupted run had it. Lightning
+    saves the train loader's ``state_dict`` (torchdata's ``StatefulDataLoader``: position, seeds,
+    workers' augmentation streams) with the loops, but 2.6 builds the iterator before it restores
+    the checkpoint when ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``, as
+    ``FishNetModule`` does, and then never loads that state (Lightning issue #20550). ``on_train_start``
+    loads it, sets the sampler's epoch (a ``DistributedSampler`` draws its order when the iterator is
+    built) and rebuilds the iterator, from the random state the interrupted run had at that point.
+
+    Under DDP, Lightning's checkpoint holds rank 0's states only, but each process has its own (its workers
+    augment other images, its GPU has its own generator): every process's random and loader states are
+    gathered into the checkpoint, and each process of a resumed run with as many processes takes its own.
     """
 
+    def __init__(self):
+        self._restored: dict[str, Any] | None = None
+        self._loader_states: list | None = None  # this process's, under DDP
+        self._trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer  # state_dict and load_state_dict are called without it
+
     def state_dict(self) -> dict[str, Any]:
-        # Tensors and plain values only, so checkpoints still load with torch.load(weights_only=True).
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        state = _rng_states()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Called by every process while a checkpoint is written (trainer.save_checkpoint is collective).
+            loader = trainer.fit_loop._combined_loader
+            mine = {"random": state, "train_loaders": loader._state_dicts() if loader is not None else []}
+            state["processes"] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(state["processes"], mine)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        random.setstate(state_dict["python"])
-        name, keys, pos, has_gauss, gauss = state_dict["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        processes, trainer = state_dict.get("processes"), self._trainer
+        if processes is not None and trainer is not None and len(processes) == trainer.world_size:
+            self._loader_states = processes[trainer.global_rank]["train_loaders"]
+            state_dict = processes[trainer.global_rank]["random"]
+        self._restored = state_dict  # again in on_train_start, after the train iterator is rebuilt
+        _set_rng_states(state_dict)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        state, self._restored = self._restored, None
+        loop = trainer.fit_loop
+        if self._loader_states is not None and loop._combined_loader_states_to_load:
+            loop._combined_loader_states_to_load = self._loader_states  # this process's, not rank 0's
+        self._loader_states = None
+        loaders = loop._combined_loader.flattened if loop._combined_loader is not None else []
+        if state is None or loop._data_fetcher is None or not loaders:
+            return
+        epoch = loop.epoch_progress.current.processed
+        pending = loop.restarting and bool(loop._combined_loader_states_to_load)
+        samplers = [s for dl in loaders for s in (getattr(dl, "sampler", None),
+                                                 getattr(getattr(dl, "batch_sampler", None), "sampler", None))]
+        stale_epoch = any(getattr(sampler, "epoch", epoch) != epoch for sampler in samplers)
+        if pending or stale_epoch:
+            for dl in loaders:
+                _set_sampler_epoch(dl, epoch)
+            _set_rng_states(state)  # as when the interrupted run built its iterator (at an epoch's start)
+            loop._load_combined_loader_states()
+            iter(loop._data_fetcher)  # a new iterator, from the saved state if any
+        if loop.restarted_mid_epoch:
+            # The restored iterator took its seeds from the checkpoint: continue from the saved random state,
+            # not from where building the iterators (here and in configure_optimizers) left it.
+            _set_rng_states(state)
+
+
+def _rng_states() -> dict[str, Any]:
+    # Tensors and plain values only, so checkpoints still load with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_states(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class ImagesPerSecond(L.Callback):
@@ -205,20 +290,29 @@ class ImagesPerSecond(L.Callback):
 
 
 class LastCheckpoint(L.Callback):
-    """Writes ``last.ckpt`` (beside the best checkpoints) after every epoch and, if asked, every N steps.
+    """Writes ``last.ckpt`` (beside the best checkpoints) after every epoch, if asked every N steps, and
+    when the run is stopped by SIGTERM.
 
     ``--ckpt_path last`` resumes from it, so a killed run loses at most the steps since. A plain
     callback rather than a ``ModelCheckpoint``: Lightning 2.6 writes ``ModelCheckpoint``'s
     ``last.ckpt`` only when a best checkpoint is saved at the same step.
+
+    SIGTERM (a scheduler's notice before it kills a job, SLURM's at the time limit or on preemption):
+    Lightning's signal handler notes it, the loop finishes the current batch (under DDP every process
+    stops at the same batch) and raises ``SIGTERMException``; this callback then saves ``last.ckpt``,
+    and the process exits with status 0.
     """
 
     def __init__(self, every_n_train_steps: int = 0):
         self.every_n_train_steps = every_n_train_steps
+        self.last_saved: tuple[Path, int] | None = None  # (file, global step) of this run's latest save
 
-    def _save(self, trainer) -> None:
+    def _save(self, trainer) -> Path:
         best = trainer.checkpoint_callback
         folder = Path(best.dirpath) if best is not None and best.dirpath else Path(trainer.default_root_dir)
         trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)  # full state: resumable
+        self.last_saved = (folder / "last.ckpt", trainer.global_step)
+        return folder / "last.ckpt"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
@@ -227,3 +321,41 @@ class LastCheckpoint(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             self._save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Also in the middle of a validation, which a resumed run finishes first (its metrics then count
+        # only the batches after the resume).
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            path = self._save(trainer)
+            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stops training at the first NaN or infinite loss, before its backward pass and optimizer step, with an
+    error that names the step and the last checkpoint written (the weights to go back to; nothing is saved after).
+
+    Every process takes the decision together (one all-reduce of a flag per step), so a DDP run stops as one.
+    """
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return
+        where = (f"global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                 f"batch {trainer.fit_loop.epoch_loop.batch_idx})")
+        value = f"is {loss.detach().float().mean().item()}" if not finite else "is not finite on another process"
+        raise FloatingPointError(f"the training loss at {where} {value}; stopped before its optimizer step. "
+                                 f"Last good checkpoint: {_last_checkpoint(trainer)}. Resume from it with "
+                                 "a lower learning rate, gradient clipping (--trainer.gradient_clip_val) or "
+                                 "fp32 / bf16 instead of fp16, or look for a broken input in this batch.")
+
+
+def _last_checkpoint(trainer) -> str:
+    """The latest checkpoint this run wrote (or resumed from), for messages."""
+    saved = [cb.last_saved for cb in trainer.callbacks if isinstance(cb, LastCheckpoint) and cb.last_saved]
+    if saved:
+        path, step = max(saved, key=lambda s: s[1])
+        return f"{path} (step {step})"
+    if trainer.ckpt_path:
+        return f"{trainer.ckpt_path} (resumed from)"
+    return "none written yet in this run"

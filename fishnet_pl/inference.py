@@ -20,9 +20,20 @@ from fishnet_pl.tasks.base import TaskHead, as_head
 NETWORK_PREFIX = "network."
 
 
-def read_checkpoint(ckpt_path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Our Lightning checkpoint as a dict (``torch.load`` with ``weights_only=True``: no code runs)."""
-    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+def read_checkpoint(ckpt_path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Our Lightning checkpoint as a dict (``torch.load`` with ``weights_only=True``: no code runs).
+
+    ``mmap``: map the tensors instead of reading them (a quick look at a large file). A missing, truncated or
+    foreign file raises an error naming it.
+    """
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"{ckpt_path}: checkpoint file does not exist")
+    try:
+        ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # zip, pickle and weights_only errors differ: all mean "not a checkpoint we can read"
+        raise ValueError(f"{ckpt_path}: cannot be read as a PyTorch checkpoint; the file is truncated (a copy or "
+                         f"a save that did not finish) or not a checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{ckpt_path}: not a fishnet-pl Lightning checkpoint (no state_dict / hyper_parameters)")
     return ckpt

@@ -15,11 +15,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from fishnet_pl.callbacks import LastCheckpoint, RNGStateCheckpoint, task_callbacks
+from fishnet_pl.callbacks import LastCheckpoint, RNGStateCheckpoint, StopOnNonFiniteLoss, task_callbacks
 from fishnet_pl.models.registry import check_backbone_name
 from fishnet_pl.models.weights import (
     CKPT_BACKBONE_KEY,
     CKPT_CLASS_NAMES_KEY,
+    CKPT_PREDICT_DATA_KEY,
     freeze,
     keep_frozen_norms_in_eval,
     load_backbone_weights,
@@ -38,7 +39,8 @@ class FishNetModule(L.LightningModule):
         num_classes: classes of the task (linked from ``data.num_classes`` by the CLI).
         backbone_weights: start the backbone from a file: an official FishNet ``.tar``, a timm or
             torchvision checkpoint of that architecture, or one of our ``.ckpt`` files (any task);
-            the classifier is dropped when it differs.
+            the classifier is dropped when it differs. Or the name of the authors' released weights
+            (``fishnet150``, ``fishnet150.welltrained_in1k``, ...), downloaded once into torch's hub cache.
         in_channels: input image channels.
         frozen_stages: freeze the backbone's first N stages (timm's coarse groups: FishNet's stem,
             tail.0-2, bridge, body.0-2, head.0-2; ResNet's stem, layer1-4).
@@ -88,6 +90,7 @@ class FishNetModule(L.LightningModule):
         self.hparams["head"] = head.config()  # plain values: load_from_checkpoint rebuilds the head
         check_backbone_name(backbone)
         self.head = head
+        self._predict_data: dict[str, Any] = {}  # what setup reads from the datamodule, for checkpoints
         self.network = head.build(backbone, num_classes, in_channels)
         if backbone_weights:
             load_backbone_weights(self.backbone, backbone, backbone_weights)
@@ -120,6 +123,9 @@ class FishNetModule(L.LightningModule):
         # can label predictions without the datamodule.
         if self.head.class_names is not None:
             checkpoint[CKPT_CLASS_NAMES_KEY] = list(self.head.class_names)
+        # How the datamodule prepared images, so `fishnet-pl predict --ckpt_path` needs neither config nor dataset.
+        if self._predict_data:
+            checkpoint[CKPT_PREDICT_DATA_KEY] = self._predict_data
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -151,6 +157,8 @@ class FishNetModule(L.LightningModule):
         self.log_dict({f"{stage}/{name}": value for name, value in logs.items()}, prog_bar=True, sync_dist=False)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
+        if not _batch_size(batch):  # every image of the batch was unreadable (datamodules.predict)
+            return []
         return self.head.predict_step(self.network, batch)
 
     def on_train_epoch_start(self) -> None:
@@ -162,6 +170,7 @@ class FishNetModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.head.set_class_names(_class_names(self))
+        self._predict_data = _predict_data(self)
         # Runs before Lightning converts BatchNorm and wraps the model in DDP, where torch would fail
         # with "SyncBatchNorm layers only work with GPU modules" and no hint what to change.
         strategy = self.trainer.strategy
@@ -201,7 +210,7 @@ class FishNetModule(L.LightningModule):
             monitor=self.head.monitor, mode=self.head.monitor_mode,
             filename="epoch{epoch:03d}-" + self.head.monitor.replace("/", "_") + "={" + self.head.monitor + ":.4f}",
             auto_insert_metric_name=False)
-        callbacks = [best, RNGStateCheckpoint()]
+        callbacks = [best, RNGStateCheckpoint(), StopOnNonFiniteLoss()]
         # Defaults the user may have configured differently on the trainer (same types would replace theirs).
         for default in (LastCheckpoint(), *task_callbacks(self.head)):
             kind = BasePredictionWriter if isinstance(default, BasePredictionWriter) else type(default)
@@ -248,6 +257,23 @@ def _class_names(module: FishNetModule) -> list[str] | None:
     return None
 
 
+def _predict_data(module: FishNetModule) -> dict[str, Any]:
+    """``PredictFolderDataModule`` arguments that reproduce the datamodule's evaluation images (plain values)."""
+    trainer = getattr(module, "_trainer", None)
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    record = {}
+    for attr in ("predict_config", "palette", "label_to_category_id"):
+        try:
+            value = getattr(datamodule, attr, None)
+        except Exception:  # e.g. a dataset folder that is not there (any more)
+            value = None
+        if value is not None:
+            record.update(value if attr == "predict_config" else {attr: value})
+    if "palette" in record:
+        record["palette"] = [list(map(int, colour)) for colour in record["palette"]]
+    return record
+
+
 def _batch_size(batch: dict) -> int:
     images = batch.get("image", batch.get("images"))
-    return len(images)
+    return 0 if images is None else len(images)

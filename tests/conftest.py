@@ -83,3 +83,46 @@ def classification_quickstart(tmp_path_factory):
         cli = run_cli(["fit", "--config", CONFIGS / "quickstart" / "classification.yaml"])
         cli.test_metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")[0]
     return cli, cwd
+
+
+def predict_from_checkpoint_alone(ckpt: Path, images: list[Path], tmp_path: Path, *args) -> tuple[Path, list[str]]:
+    """``fishnet-pl predict --ckpt_path CKPT --data.predict_root DIR --predict_dir OUT`` as a user runs it on
+    a copy of the checkpoint, in an empty working directory (no config, no dataset, no run folder), over a
+    folder holding ``images`` and what users' folders hold besides: nested folders, grayscale, CMYK, palette
+    and odd-sized images, an unreadable ``.jpg`` and a text file; ``args`` are further CLI arguments.
+    Returns OUT and the unreadable file's path as the prediction writer lists it."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    folder, cwd, out = tmp_path / "my photos", tmp_path / "elsewhere", tmp_path / "out"
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    cwd.mkdir()
+    for image in images:
+        shutil.copy(image, folder / "nested" / image.name)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 70), np.uint8)).save(folder / "gray.jpg")
+    Image.fromarray(rng.integers(0, 255, (81, 33, 3), np.uint8)).convert("CMYK").save(folder / "nested" / "cmyk.JPG")
+    palette = Image.fromarray(rng.integers(0, 255, (45, 61, 3), np.uint8)).convert("P")
+    palette.save(folder / "nested" / "deeper" / "p.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    (folder / "notes.txt").write_text("not an image")
+    shutil.copy(ckpt, cwd / "model.ckpt")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        run_cli(["predict", "--ckpt_path", "model.ckpt", "--data.predict_root", folder, "--predict_dir", out,
+                 "--trainer.enable_progress_bar", "false", *args])
+    assert sorted(p.name for p in cwd.iterdir()) == ["model.ckpt"], "predict wrote outside --predict_dir"
+    return out, [str(folder / "broken.jpg")]
+
+
+def assert_same_final_weights(expected, actual, global_step: int) -> None:
+    """Both checkpoints are at ``global_step`` and hold identical weights and buffers, bit for bit."""
+    import torch
+
+    a, b = (torch.load(path, weights_only=True) for path in (expected, actual))
+    assert a["global_step"] == b["global_step"] == global_step
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    different = [key for key, value in a["state_dict"].items() if not torch.equal(b["state_dict"][key], value)]
+    assert not different, f"{len(different)} of {len(a['state_dict'])} tensors differ, e.g. {different[:3]}"

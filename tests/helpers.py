@@ -28,3 +28,26 @@ class InterruptAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+class SignalAtStep(L.Callback):
+    """Sends this process ``signum`` (SIGTERM by default, as a cluster's scheduler does before it kills a job)
+    when training is about to run step ``step``."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class NaNInputAtStep(L.Callback):
+    """Puts a NaN into the first image of the batch of step ``step``, so that step's loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            batch["image"][0] = float("nan")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -13,7 +14,15 @@ import torch
 
 from fishnet_pl import FishNetModule
 
-from .conftest import CONFIGS, csv_logger, run_cli, run_cli_subprocess, validation_metrics
+from .conftest import (
+    CONFIGS,
+    assert_same_final_weights,
+    csv_logger,
+    predict_from_checkpoint_alone,
+    run_cli,
+    run_cli_subprocess,
+    validation_metrics,
+)
 
 QUICKSTART = CONFIGS / "quickstart" / "classification.yaml"
 
@@ -24,6 +33,12 @@ def small_run(root: Path, *extra: str) -> list[str]:
             "--data.init_args.val_resize", "36", "--data.init_args.num_workers", "1",
             "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
             "--trainer.enable_progress_bar", "false", *extra]
+
+
+def mid_epoch_checkpoints(every: int) -> list[str]:
+    """CLI arguments adding ``last.ckpt`` every ``every`` training steps."""
+    return ["--trainer.callbacks+=fishnet_pl.callbacks.LastCheckpoint",
+            f"--trainer.callbacks.every_n_train_steps={every}"]
 
 
 @pytest.fixture
@@ -71,6 +86,17 @@ def test_predict_writes_top5_classes_with_scores(quickstart, tmp_path):
     assert first["scores"] == sorted(first["scores"], reverse=True) and abs(sum(first["scores"]) - 1) < 1e-4
     assert first["names"][0] == cli.datamodule.classes[first["classes"][0]]
 
+    # The checkpoint alone predicts a user's folder as the config did the val images (crop, resize, names).
+    some = records[::12]
+    out, unreadable = predict_from_checkpoint_alone(ckpt, [Path(r["path"]) for r in some], tmp_path / "alone")
+    alone = {Path(r["path"]).name: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    assert sorted(alone) == sorted([Path(r["path"]).name for r in some] + ["cmyk.JPG", "gray.jpg", "p.png"])
+    for r in some:
+        mine = alone[Path(r["path"]).name]
+        assert mine["classes"] == r["classes"] and mine["names"] == r["names"], r["path"]
+        assert mine["scores"] == pytest.approx(r["scores"], abs=1e-5)
+    assert (out / "unreadable.txt").read_text().splitlines() == unreadable
+
 
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_resume_after_an_epoch_ends_with_the_weights_of_an_uninterrupted_run(in_tmp, workers):
@@ -91,27 +117,68 @@ def test_resume_after_an_epoch_ends_with_the_weights_of_an_uninterrupted_run(in_
         torch.testing.assert_close(b["state_dict"][key], value, msg=key)
 
 
-def test_run_killed_mid_epoch_resumes_from_its_last_checkpoint_and_finishes(in_tmp):
-    kill = ["--trainer.callbacks+=fishnet_pl.callbacks.LastCheckpoint",
-            "--trainer.callbacks.every_n_train_steps=2",
-            "--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=6"]
-    args = ["fit", *small_run(in_tmp), "--trainer.max_epochs", "2", *csv_logger("run")]
-    killed = run_cli_subprocess([*args, *kill], cwd=in_tmp)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert torch.load("run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 6  # mid-epoch 2
-
-    resumed = run_cli_subprocess([*args, "--ckpt_path", "run/checkpoints/last.ckpt"], cwd=in_tmp)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final = torch.load("run/checkpoints/last.ckpt", weights_only=True)
-    assert final["global_step"] == 8 and final["epoch"] == 1
+def resumable_run(root: Path) -> list[str]:
+    """Two epochs of 4 steps with two loading workers, the authors' augmentation and MixUp (random numbers drawn
+    in workers and in this process), ``last.ckpt`` also every 3 steps."""
+    return ["fit", *small_run(root, "--model.head.init_args.mixup_alpha", "0.4"), "--trainer.max_epochs", "2",
+            "--data.init_args.num_workers", "2", *mid_epoch_checkpoints(every=3)]
 
 
-def test_ddp_on_two_cpu_processes_trains_and_syncs_validation_metrics(in_tmp):
-    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-           "--trainer.limit_val_batches", "1.0", "--data.init_args.batch_size", "8"]
-    result = run_cli_subprocess(["fit", *small_run(in_tmp), "--trainer.max_epochs", "1",
-                                 *csv_logger("ddp"), *ddp], cwd=in_tmp)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """``last.ckpt`` of ``resumable_run`` run without interruption."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        run_cli([*resumable_run(cwd), *csv_logger("a")])
+    return cwd / "a" / "checkpoints" / "last.ckpt"
+
+
+def test_run_killed_twice_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(in_tmp, uninterrupted):
+    # SIGKILL (no clean-up) after the mid-epoch checkpoint of step 3 (epoch 0), then, resumed with --ckpt_path last,
+    # after that of step 6 (epoch 1): the twice resumed run ends with the uninterrupted run's weights, bit for bit
+    # (data order, each worker's augmentation stream and the MixUp draws continue where the killed run stood).
+    args = [*resumable_run(in_tmp), *csv_logger("b")]
+    for kill_at, resume in ((3, []), (7, ["--ckpt_path", "last"])):
+        killed = run_cli_subprocess([*args, *resume, "--trainer.callbacks+=tests.helpers.KillAtStep",
+                                     f"--trainer.callbacks.step={kill_at}"], cwd=in_tmp)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        assert torch.load("b/checkpoints/last.ckpt", weights_only=True)["global_step"] == kill_at // 3 * 3
+    run_cli([*args, "--ckpt_path", "last"])
+    assert_same_final_weights(uninterrupted, "b/checkpoints/last.ckpt", global_step=8)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_and_the_resumed_run_ends_exactly(in_tmp, uninterrupted):
+    # A scheduler's SIGTERM during step 5 (epoch 1): the step finishes, last.ckpt is saved, the run exits with
+    # status 0 (SystemExit without a code); resumed, it ends with the uninterrupted run's weights.
+    args = [*resumable_run(in_tmp), *csv_logger("b")]
+    with pytest.raises(SystemExit) as stopped:
+        run_cli([*args, "--trainer.callbacks+=tests.helpers.SignalAtStep", "--trainer.callbacks.step=4"])
+    assert stopped.value.code in (None, 0)
+    assert torch.load("b/checkpoints/last.ckpt", weights_only=True)["global_step"] == 5  # not a multiple of 3
+    run_cli([*args, "--ckpt_path", "last"])
+    assert_same_final_weights(uninterrupted, "b/checkpoints/last.ckpt", global_step=8)
+
+
+def ddp_run(root: Path) -> list[str]:
+    """One epoch of 4 steps on two CPU processes (one loading worker each), ``last.ckpt`` also every 2 steps."""
+    return ["fit", *small_run(root), "--trainer.max_epochs", "1", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+            "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "1.0", "--data.init_args.batch_size", "8",
+            *mid_epoch_checkpoints(every=2)]
+
+
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(tmp_path_factory) -> Path:
+    """The working directory of ``ddp_run``, run without interruption (logs and checkpoints in ``ddp/``)."""
+    cwd = tmp_path_factory.mktemp("ddp")
+    result = run_cli_subprocess([*ddp_run(cwd), *csv_logger("ddp")], cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
+    return cwd
+
+
+def test_ddp_on_two_cpu_processes_trains_and_syncs_validation_metrics(ddp_uninterrupted, monkeypatch):
+    in_tmp = ddp_uninterrupted
+    monkeypatch.chdir(in_tmp)
     with open("ddp/metrics.csv") as f:
         logged = float(next(row["val/acc1"] for row in csv.DictReader(f) if row["val/acc1"]))
     # One process validating the same weights on the whole validation set gives the same accuracy:
@@ -120,6 +187,48 @@ def test_ddp_on_two_cpu_processes_trains_and_syncs_validation_metrics(in_tmp):
                       "--data.init_args.batch_size", "8", "--ckpt_path", "ddp/checkpoints/last.ckpt",
                       *csv_logger("single")])
     assert single.trainer.callback_metrics["val/acc1"].item() == pytest.approx(logged, abs=1e-6)
+
+
+def test_ddp_run_killed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(in_tmp, ddp_uninterrupted):
+    # Both processes SIGKILLed after the checkpoint of step 2: resumed on two processes, each continues its own part
+    # of the distributed sampler's order and its worker's augmentation stream, ending with the uninterrupted weights.
+    args = [*ddp_run(in_tmp), *csv_logger("b")]
+    killed = run_cli_subprocess([*args, "--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=3"],
+                                cwd=in_tmp)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert torch.load("b/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    resumed = run_cli_subprocess([*args, "--ckpt_path", "last"], cwd=in_tmp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_final_weights(ddp_uninterrupted / "ddp" / "checkpoints" / "last.ckpt", "b/checkpoints/last.ckpt",
+                              global_step=4)
+
+
+def test_slurm_requeue_signal_saves_an_hpc_checkpoint_requeues_and_last_resumes_from_it(in_tmp):
+    # SLURM's --signal=USR1@90 before the time limit: Lightning's SLURMEnvironment (auto_requeue) saves
+    # hpc_ckpt_1.ckpt in default_root_dir and runs `scontrol requeue <job id>`. This scontrol records its arguments,
+    # then kills the job (as the end of its time would). --ckpt_path last takes the hpc checkpoint (newer than
+    # last.ckpt of step 4, the end of epoch 0), and the run continues from step 5 to the end.
+    bin_dir = in_tmp / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {in_tmp / "scontrol.args"}\nkill -KILL $PPID\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    args = [*resumable_run(in_tmp), *csv_logger("b")]
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "fishnet", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in slurm.items():
+            mp.setenv(name, value)
+        run = run_cli_subprocess([*args, "--trainer.callbacks+=tests.helpers.SignalAtStep",
+                                  "--trainer.callbacks.step=5", f"--trainer.callbacks.signum={int(signal.SIGUSR1)}"],
+                                 cwd=in_tmp)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+    assert (in_tmp / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    hpc = in_tmp / "runs" / "quickstart" / "classification" / "hpc_ckpt_1.ckpt"
+    assert torch.load(hpc, weights_only=True)["global_step"] == 5
+    assert torch.load("b/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    cli = run_cli([*args, "--ckpt_path", "last"])
+    assert Path(cli.trainer.ckpt_path).absolute() == hpc and cli.trainer.global_step == 8
 
 
 def test_validation_on_three_processes_gives_the_one_process_metrics(quickstart, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from fishnet_pl.metrics import coco_evaluate, write_coco_results
 from fishnet_pl.models.weights import CKPT_BACKBONE_KEY
 from fishnet_pl.tasks.detection import TimmBackboneWithFPN
 
-from .conftest import CONFIGS, run_cli, validation_metrics
+from .conftest import CONFIGS, csv_logger, predict_from_checkpoint_alone, run_cli, validation_metrics
 
 QUICKSTART = CONFIGS / "quickstart" / "detection.yaml"
 SMALL_HEAD = {"fpn_channels": 32, "anchor_sizes": (16, 32, 64, 128, 256), "min_size": 128, "max_size": 192,
@@ -223,10 +224,64 @@ def test_predict_draws_detections_and_writes_them_as_json(quickstart, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
         run_cli(["predict", "--config", QUICKSTART, "--ckpt_path", ckpt, "--predict_dir", tmp_path,
-                 "--trainer.enable_progress_bar", "false"])
+                 "--data.init_args.batch_size", "1", "--trainer.enable_progress_bar", "false"])
     lines = [json.loads(line) for line in (tmp_path / "detections.jsonl").read_text().splitlines()]
     assert len(lines) == 10  # the val split
     assert all((tmp_path / line["drawn"]).is_file() for line in lines)
     detections = [d for line in lines for d in line["detections"]]
     assert detections and {d["name"] for d in detections} <= {"circle", "square", "triangle"}
     assert all({"bbox", "score", "category_id", "segmentation"} <= set(d) for d in detections)
+
+    # The checkpoint alone predicts a user's folder as the config did the val images (names, COCO ids);
+    # one image per batch in both, since torchvision pads a batch to its largest image.
+    some = lines[:3]
+    out, unreadable = predict_from_checkpoint_alone(ckpt, [Path(line["path"]) for line in some], tmp_path / "alone",
+                                                    "--data.init_args.batch_size", "1")
+    alone = {Path(line["path"]).name: line
+             for line in map(json.loads, (out / "detections.jsonl").read_text().splitlines())}
+    assert sorted(alone) == sorted([Path(line["path"]).name for line in some] + ["cmyk.JPG", "gray.jpg", "p.png"])
+    for line in some:
+        mine, theirs = alone[Path(line["path"]).name]["detections"], line["detections"]
+        assert [(d["name"], d["category_id"]) for d in mine] == [(d["name"], d["category_id"]) for d in theirs]
+        assert [d["bbox"] for d in mine] == pytest.approx([d["bbox"] for d in theirs], abs=0.05)
+    assert all((out / line["drawn"]).is_file() for line in alone.values())
+    assert (out / "unreadable.txt").read_text().splitlines() == unreadable
+
+
+def test_a_coco_format_set_with_its_own_category_ids_is_evaluated_and_written_in_those_ids(quickstart, tmp_path):
+    """A user's COCO-format set: category ids 12, 40, 101 (not 1..K) with their own names, and a val image
+    without annotations, which still counts (its detections are false positives). Validating the
+    quickstart's model on it through the CLI logs what pycocotools gives for the results file, which is in
+    the set's own ids."""
+    _, cwd = quickstart
+    ckpt = cwd / "runs" / "quickstart" / "detection" / "checkpoints" / "last.ckpt"
+    mine = tmp_path / "my_set"
+    shutil.copytree(cwd / "data" / "quickstart" / "coco", mine)
+    new_id, name = {1: 12, 3: 40, 7: 101}, {12: "ring", 40: "tile", 101: "wedge"}
+    for split in ("train2017", "val2017"):
+        path = mine / "annotations" / f"instances_{split}.json"
+        data = json.loads(path.read_text())
+        data["categories"] = [{"id": new_id[c["id"]], "name": name[new_id[c["id"]]]} for c in data["categories"]]
+        for ann in data["annotations"]:
+            ann["category_id"] = new_id[ann["category_id"]]
+        if split == "val2017":
+            unannotated = data["annotations"][0]["image_id"]
+            data["annotations"] = [a for a in data["annotations"] if a["image_id"] != unannotated]
+        path.write_text(json.dumps(data))
+    out = tmp_path / "logs"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        cli = run_cli(["validate", "--config", QUICKSTART, "--ckpt_path", ckpt, "--data.init_args.root", mine,
+                       "--data.init_args.quickstart", "false", "--data.init_args.batch_size", "1",
+                       "--trainer.enable_progress_bar", "false", *csv_logger(out)])
+    metrics = cli.trainer.callback_metrics
+    assert cli.model.head.class_names == ["ring", "tile", "wedge"]
+    results = json.loads((out / "val_detections.json").read_text())
+    assert results and {d["category_id"] for d in results} <= {12, 40, 101}
+    assert unannotated in {d["image_id"] for d in results}  # evaluated although it has no annotation
+    assert len(cli.model.head.metrics["val"].images) == 10  # every val image
+    annotations = mine / "annotations" / "instances_val2017.json"
+    for iou_type in ("bbox", "segm"):
+        stats = _evaluate_file(annotations, out / "val_detections.json", iou_type)
+        assert stats[0] == pytest.approx(metrics[f"val/{iou_type}_ap"].item(), abs=1e-3), iou_type
+    assert metrics["val/bbox_ap"] > 0.1

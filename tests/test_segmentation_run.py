@@ -3,6 +3,8 @@ the quickstart data in the Cityscapes layout, then predicting colour masks."""
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,15 @@ from PIL import Image
 from datamodules.cityscapes import PALETTE
 from fishnet_pl import FishNetModule, SegmentationHead
 
-from .conftest import CONFIGS, csv_logger, run_cli, validation_metrics
+from .conftest import (
+    CONFIGS,
+    assert_same_final_weights,
+    csv_logger,
+    predict_from_checkpoint_alone,
+    run_cli,
+    run_cli_subprocess,
+    validation_metrics,
+)
 
 QUICKSTART = CONFIGS / "quickstart" / "segmentation.yaml"
 CLASSIFICATION_CKPT = "runs/quickstart/classification/checkpoints/last.ckpt"
@@ -77,6 +87,18 @@ def test_predict_writes_a_cityscapes_colour_mask_and_an_overlay_per_image(quicks
         colours = np.asarray(mask.convert("RGB"))
         np.testing.assert_array_equal(colours, np.asarray(PALETTE, np.uint8)[labels])
 
+    # The checkpoint alone predicts a user's folder as the config did the test images (scale, palette),
+    # one image per step: each keeps its own size.
+    out, unreadable = predict_from_checkpoint_alone(ckpt, images[:2], tmp_path / "alone")
+    assert sorted(p.name for p in out.glob("*_mask.png")) == sorted(
+        f"{stem}_mask.png" for stem in [image.stem for image in images[:2]] + ["cmyk", "gray", "p"])
+    for image in images[:2]:
+        mine, theirs = (Image.open(folder / f"{image.stem}_mask.png") for folder in (out, tmp_path))
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+        assert mine.getpalette() == theirs.getpalette()
+    assert Image.open(out / "cmyk_mask.png").size == (33, 81)  # any size, cropped back from the padded input
+    assert (out / "unreadable.txt").read_text().splitlines() == unreadable
+
 
 def test_backbone_can_stay_frozen_for_the_first_epochs(classification_quickstart, tmp_path):
     _, cwd = classification_quickstart
@@ -91,3 +113,21 @@ def test_backbone_can_stay_frozen_for_the_first_epochs(classification_quickstart
         cli = run_cli([*args, "--trainer.max_epochs", epochs])
         weight = cli.model.backbone.state_dict()["model.stem.conv1.0.weight"]
         assert (not torch.equal(weight, start["model.stem.conv1.0.weight"])) == changed, epochs
+
+
+def test_run_killed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(in_tmp):
+    # SIGKILL after the mid-epoch checkpoint of step 4 (epoch 1), data loaded in this process (loading workers:
+    # tests/test_classification_run.py): the resumed run continues the shuffling and the random scale, crop, flip
+    # and colour jitter of image and mask where they stood, and ends with the uninterrupted run's weights.
+    args = ["fit", "--config", QUICKSTART, "--model.backbone_weights", "null", "--data.init_args.root", in_tmp / "data",
+            "--data.init_args.num_workers", "0", "--data.init_args.crop_size", "[64, 128]",
+            "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1", "--trainer.max_epochs", "2",
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=fishnet_pl.callbacks.LastCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=2"]
+    run_cli([*args, *csv_logger("a")])
+    killed = run_cli_subprocess([*args, *csv_logger("b"), "--trainer.callbacks+=tests.helpers.KillAtStep",
+                                 "--trainer.callbacks.step=5"], cwd=in_tmp)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert torch.load("b/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    run_cli([*args, *csv_logger("b"), "--ckpt_path", "last"])
+    assert_same_final_weights("a/checkpoints/last.ckpt", "b/checkpoints/last.ckpt", global_step=6)

@@ -291,3 +291,41 @@ def test_quickstart_datamodule_fills_an_empty_root(tmp_path):
     assert dm.skipped_train_image_ids == [1000]
     assert len(dm.datasets["train"]) == 39 and len(dm.datasets["val"]) == 10
     assert any(item["target"]["iscrowd"].any() for item in by_id(dm.datasets["val"]).values())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_batches_resume_mid_epoch_with_the_same_images_and_augmentation(tmp_path, workers):
+    # What a resumed run does: a new process loads the train loader's saved state (Lightning keeps it in the
+    # checkpoint) and the saved global random state (RNGStateCheckpoint), then continues the epoch and the next.
+    root = tmp_path / "coco"
+    sizes = [(64, 48), (48, 64), (64, 64), (40, 64), (64, 40), (64, 48), (48, 64)] * 2
+    images = [image(i, w, h) for i, (w, h) in enumerate(sizes, 1)]
+    write_split(root, "train2017", images, [ann(100 + i, i, 2, [2, 2, 20, 20]) for i in range(1, len(sizes) + 1)])
+    write_split(root, "val2017", images[:1], [ann(101, 1, 2, [2, 2, 20, 20])])
+
+    def train_loader(seed: int):
+        torch.manual_seed(seed)
+        dm = COCODataModule(str(root), num_workers=workers, batch_size=2, scale_range=(0.5, 1.5))
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    def contents(batch) -> tuple:
+        return batch["paths"], [img.sum().item() for img in batch["images"]], [t["boxes"] for t in batch["targets"]]
+
+    loader = train_loader(seed=7)
+    expected = [contents(b) for _ in range(2) for b in loader]  # 2 epochs of 7 batches
+    loader, seen = train_loader(seed=7), []
+    for batch in loader:
+        seen.append(contents(batch))
+        if len(seen) == 3:
+            state, rng = loader.state_dict(), torch.get_rng_state()
+            break
+    resumed = train_loader(seed=123)  # another process: its own seeds until the checkpoint's are loaded
+    resumed.load_state_dict(state)
+    epoch = iter(resumed)
+    torch.set_rng_state(rng)
+    seen += [contents(b) for b in epoch] + [contents(b) for b in resumed]
+    assert len(seen) == len(expected) == 14
+    for got, want in zip(seen, expected):
+        assert got[0] == want[0] and got[1] == want[1]
+        assert all(torch.equal(a, b) for a, b in zip(got[2], want[2]))

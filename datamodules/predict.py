@@ -1,0 +1,146 @@
+"""Predict every image under a folder, prepared as the model's training data prepared its evaluation images.
+
+``fishnet-pl predict --ckpt_path CKPT --data.predict_root DIR --predict_dir OUT`` needs no config and
+no dataset: the CLI picks ``PredictFolderDataModule`` and fills it from the checkpoint, where the module
+stored the training datamodule's ``predict_config`` (its evaluation transform, batch layout, class
+names, palette, COCO category ids). Any image file under ``DIR`` counts (nested folders, JPEG, PNG,
+grayscale, CMYK, palette, any size); one that cannot be decoded is logged by name and skipped, the
+others are still predicted, and the prediction writers list the skipped files in ``unreadable.txt``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import lightning as L
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.common import DatasetError, collate_same_size, read_rgb, require_dir
+
+log = logging.getLogger(__name__)
+
+#: What ``find_images`` collects: the formats Pillow decodes that cameras and datasets use.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively, by extension, any case), sorted."""
+    folder = require_dir(folder, "predict_root")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise DatasetError(f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in it or its subfolders")
+    return paths
+
+
+def to_float() -> A.Compose:
+    """The images as they are, float32 in [0, 1]: for models that resize themselves (detection)."""
+    return A.Compose([A.ToFloat(max_value=255), ToTensorV2()])
+
+
+class ImageFolderDataset(Dataset):
+    """Images through an evaluation pipeline; an unreadable file gives an item marked ``unreadable``."""
+
+    def __init__(self, paths: list[Path], transform: A.Compose):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        try:
+            image = read_rgb(path)
+        except DatasetError as err:
+            log.warning("skipping unreadable image: %s", err)
+            return {"path": str(path), "index": index, "unreadable": str(err)}
+        return {"image": self.transform(image=image)["image"], "path": str(path), "index": index}
+
+
+class SkipUnreadable:
+    """``collate_fn``: the readable items through ``collate``, and ``batch["unreadable"]`` = the others' paths.
+
+    A batch of unreadable files only is ``{"unreadable": [...]}``: the module predicts nothing for it.
+    """
+
+    def __init__(self, collate: Callable[[list[dict]], dict] | None = None):
+        self.collate = collate or functools.partial(collate_same_size, option="batch_size")
+
+    def __call__(self, items: list[dict]) -> dict:
+        readable = [item for item in items if "unreadable" not in item]
+        batch = self.collate(readable) if readable else {}
+        batch["unreadable"] = [item["path"] for item in items if "unreadable" in item]
+        return batch
+
+
+def import_object(path: str) -> Any:
+    """``module.name`` (as in a config's class_path) -> the object."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{path!r} cannot be imported ({err})") from err
+
+
+class PredictFolderDataModule(L.LightningDataModule):
+    """Every image under ``predict_root``, for ``predict`` only.
+
+    The other arguments are a training datamodule's ``predict_config`` (the CLI copies them from the
+    checkpoint; set any of them to override):
+
+    Args:
+        predict_root: folder of images, searched recursively.
+        transform: import path of a function returning the albumentations evaluation pipeline; default
+            ``to_float`` (the image as it is).
+        transform_kwargs: its arguments (e.g. the crop and resize of classification).
+        collate: import path of the batch ``collate_fn`` (detection's lists); default: stacked tensors.
+        num_classes: the model's classes (the CLI links it to the model).
+        class_names: names of the classes, for the prediction files.
+        palette: RGB colour per class, for segmentation masks.
+        label_to_category_id: detection label -> the training set's COCO category id.
+        batch_size: images per step (default 1); above 1 only where every image comes out in one size
+            (classification's crop) or the model takes lists (detection).
+        num_workers: data-loading processes.
+    """
+
+    def __init__(self, predict_root: str, transform: str | None = None,
+                 transform_kwargs: dict[str, Any] | None = None, collate: str | None = None,
+                 num_classes: int | None = None, class_names: list[str] | None = None,
+                 palette: list[tuple[int, int, int]] | None = None,
+                 label_to_category_id: dict[int, int] | None = None, batch_size: int | None = None,
+                 num_workers: int = 2):
+        super().__init__()
+        batch_size = batch_size or 1
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        self.predict_root, self.batch_size, self.num_workers = predict_root, batch_size, num_workers
+        self.transform = import_object(transform or "datamodules.predict.to_float")(**(transform_kwargs or {}))
+        self.collate = SkipUnreadable(import_object(collate) if collate else None)
+        self._num_classes, self.class_names, self.palette = num_classes, class_names, palette
+        self.label_to_category_id = label_to_category_id
+        self.dataset: ImageFolderDataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        if self._num_classes is None:
+            raise ValueError("PredictFolderDataModule needs num_classes: give --ckpt_path a fishnet-pl checkpoint "
+                             "(which records it) or set --data.init_args.num_classes")
+        return self._num_classes
+
+    def setup(self, stage: str) -> None:
+        if stage != "predict":
+            raise ValueError(f"PredictFolderDataModule only predicts (it has no labels), not {stage!r}")
+        self.dataset = ImageFolderDataset(find_images(self.predict_root), self.transform)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.dataset is None:
+            raise RuntimeError("predict data is not set up; call setup('predict') first")
+        return DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          collate_fn=self.collate, pin_memory=torch.cuda.is_available())
