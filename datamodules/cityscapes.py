@@ -12,24 +12,28 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
-from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from datamodules.common import (
     AugmentedDataModule,
     DatasetError,
+    collate_same_size,
+    make_loader,
     read_label_png,
-    read_rgb,
     require_dir,
-    seed_pipeline,
-    seed_worker,
 )
 
-IGNORE_INDEX = 255
+# Shared with every segmentation datamodule: Cityscapes differs only in how it finds pairs and maps label ids.
+from datamodules.segmentation_folder import (
+    IGNORE_INDEX,
+    SegmentationDataset,
+    check_augmentation,
+    eval_transform,
+    train_transform,
+)
+
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -92,35 +96,6 @@ def read_train_ids(path: str | os.PathLike) -> np.ndarray:
     return LABEL_ID_TO_TRAIN_ID[ids]
 
 
-def train_transform(crop_size: tuple[int, int], scale_range: tuple[float, float], flip_prob: float,
-                    color_jitter: float) -> A.Compose:
-    """Scale, pad, crop and flip image and mask together (mask: nearest, padded with 255); jitter the image.
-
-    Padding and colour jitter work on the uint8 image (padding is black, 0); ``ToFloat`` then gives
-    float32 in [0, 1].
-    """
-    height, width = crop_size
-    low, high = scale_range
-    photometric = [A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0,
-                                 p=1.0)] if color_jitter else []
-    return A.Compose([
-        A.RandomScale(scale_limit=(low - 1, high - 1), p=1.0),
-        A.PadIfNeeded(height, width, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
-        A.RandomCrop(height, width),
-        A.HorizontalFlip(p=flip_prob),
-        *photometric,
-        A.ToFloat(max_value=255),  # float32 in [0, 1]; the model normalises
-        ToTensorV2(),
-    ])
-
-
-def eval_transform(scale: float) -> A.Compose:
-    """Optional resize by ``scale`` (mask: nearest), float32 in [0, 1]; no crop or padding (the head pads itself)."""
-    # RandomScale with a one-point range is a deterministic resize by a factor (A.Resize wants a size).
-    resize = [A.RandomScale(scale_limit=(scale - 1, scale - 1), p=1.0)] if scale != 1 else []
-    return A.Compose([*resize, A.ToFloat(max_value=255), ToTensorV2()])
-
-
 def find_samples(root: Path, split: str, with_labels: bool = True) -> list[tuple[Path, Path | None]]:
     """(image, labelIds file) pairs of a split, sorted; every label file must exist (contents are checked on load)."""
     images_dir = require_dir(require_dir(root, "dataset root") / "leftImg8bit", "leftImg8bit images")
@@ -139,31 +114,6 @@ def find_samples(root: Path, split: str, with_labels: bool = True) -> list[tuple
         more = f" (and {len(missing) - 1} more images without labels)" if len(missing) > 1 else ""
         raise DatasetError(f"{label}: label file of {image.name} does not exist{more}")
     return samples
-
-
-class CityscapesDataset(Dataset):
-    """(image, labelIds file) pairs through an albumentations pipeline; without a label file, no ``mask``."""
-
-    def __init__(self, samples: list[tuple[Path, Path | None]], transform: A.Compose):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def reseed(self, seed: int) -> None:
-        seed_pipeline(self.transform, seed)
-
-    def __getitem__(self, index: int) -> dict:
-        image_path, label_path = self.samples[index]
-        image = read_rgb(image_path)
-        if label_path is None:
-            return {"image": self.transform(image=image)["image"], "path": str(image_path), "index": index}
-        mask = read_train_ids(label_path)
-        if mask.shape != image.shape[:2]:
-            raise DatasetError(f"{label_path}: label is {mask.shape[0]}x{mask.shape[1]} (height x width), its "
-                               f"image {image_path.name} is {image.shape[0]}x{image.shape[1]}")
-        out = self.transform(image=image, mask=mask)
-        return {"image": out["image"], "mask": out["mask"].long(), "path": str(image_path), "index": index}
 
 
 class CityscapesDataModule(AugmentedDataModule):
@@ -205,25 +155,14 @@ class CityscapesDataModule(AugmentedDataModule):
                  test_split: str = "val", quickstart: bool = False, predict_root: str | None = None,
                  pin_memory: bool = True):
         super().__init__()
-        if batch_size < 1 or val_batch_size < 1 or num_workers < 0:
-            raise ValueError(f"batch_size and val_batch_size must be >= 1 and num_workers >= 0, got {batch_size}, "
-                             f"{val_batch_size} and {num_workers}")
-        if len(crop_size) != 2 or min(crop_size) < 1:
-            raise ValueError(f"crop_size must be (height, width) in pixels, got {crop_size}")
-        if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
-        if not 0 <= flip_prob <= 1:
-            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
-        if not 0 <= color_jitter <= 1:
-            raise ValueError(f"color_jitter must be in [0, 1], got {color_jitter}")
-        if eval_scale <= 0:
-            raise ValueError(f"eval_scale must be > 0, got {eval_scale}")
+        check_augmentation(batch_size, val_batch_size, num_workers, crop_size, scale_range, flip_prob, color_jitter,
+                           eval_scale)
         self.root, self.batch_size, self.num_workers = Path(root).absolute(), batch_size, num_workers
         self.crop_size, self.scale_range = tuple(crop_size), tuple(scale_range)
         self.flip_prob, self.color_jitter, self.eval_scale = flip_prob, color_jitter, eval_scale
         self.val_batch_size, self.test_split, self.quickstart = val_batch_size, test_split, quickstart
         self.predict_root, self.pin_memory = predict_root, pin_memory
-        self.datasets: dict[str, CityscapesDataset] = {}
+        self.datasets: dict[str, SegmentationDataset] = {}
 
     @property
     def num_classes(self) -> int:
@@ -239,6 +178,12 @@ class CityscapesDataModule(AugmentedDataModule):
     def palette(self) -> list[tuple[int, int, int]]:
         """RGB colour of each train id (the official colour coding), for predicted masks."""
         return list(PALETTE)
+
+    @property
+    def predict_config(self) -> dict:
+        """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
+        return {"transform": "datamodules.segmentation_folder.eval_transform",
+                "transform_kwargs": {"scale": self.eval_scale}}  # one image per batch: a user's images differ in size
 
     def prepare_data(self) -> None:
         if self.quickstart:
@@ -256,13 +201,14 @@ class CityscapesDataModule(AugmentedDataModule):
                 raise DatasetError(f"{self.root / 'leftImg8bit' / 'train'}: {len(samples)} images, fewer than one "
                                    f"batch of {self.batch_size}")
             transform = train_transform(self.crop_size, self.scale_range, self.flip_prob, self.color_jitter)
-            self.datasets["train"] = CityscapesDataset(samples, transform)
+            self.datasets["train"] = SegmentationDataset(samples, read_train_ids, transform)
             # Used as is with num_workers=0 (workers reseed their copy): seeded by the run, no RNG drawn.
             self.datasets["train"].reseed(torch.initial_seed() % 2**32)
         if stage in ("fit", "validate"):
-            self.datasets["val"] = CityscapesDataset(find_samples(self.root, "val"), evaluate)
+            self.datasets["val"] = SegmentationDataset(find_samples(self.root, "val"), read_train_ids, evaluate)
         if stage == "test":
-            self.datasets["test"] = CityscapesDataset(find_samples(self.root, self.test_split), evaluate)
+            self.datasets["test"] = SegmentationDataset(find_samples(self.root, self.test_split), read_train_ids,
+                                                         evaluate)
         if stage == "predict":
             if self.predict_root:
                 folder = require_dir(self.predict_root, "predict_root")
@@ -271,15 +217,13 @@ class CityscapesDataModule(AugmentedDataModule):
                     raise DatasetError(f"{folder}: no {'/'.join(IMAGE_EXTENSIONS)} images")
             else:
                 samples = find_samples(self.root, "test", with_labels=False)
-            self.datasets["predict"] = CityscapesDataset(samples, evaluate)
+            self.datasets["predict"] = SegmentationDataset(samples, read_train_ids, evaluate)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"{split} data is not set up; call setup() with the matching stage first")
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-                          worker_init_fn=seed_worker,
-                          persistent_workers=False)  # fresh workers each epoch draw fresh seeds (exact resume)
+        return make_loader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+                           num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_same_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
