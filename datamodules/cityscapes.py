@@ -13,30 +13,19 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
-from datamodules.common import (
-    AugmentedDataModule,
-    DatasetError,
-    collate_same_size,
-    make_loader,
-    read_label_png,
-    require_dir,
-)
+from datamodules.common import DatasetError, read_label_png, require_dir
 
 # Shared with every segmentation datamodule: Cityscapes differs only in how it finds pairs and maps label ids.
 from datamodules.segmentation_folder import (
     IGNORE_INDEX,
+    SegmentationDataModule,
     SegmentationDataset,
     check_augmentation,
-    eval_transform,
-    train_transform,
 )
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 # cityscapesscripts' helpers/labels.py: (name, label id, train id, colour) for label ids 0..33.
 # ('license plate', id -1, is never written to the labelIds files: plates keep the car's id.)
@@ -116,7 +105,7 @@ def find_samples(root: Path, split: str, with_labels: bool = True) -> list[tuple
     return samples
 
 
-class CityscapesDataModule(AugmentedDataModule):
+class CityscapesDataModule(SegmentationDataModule):
     """Cityscapes fine annotations in the official layout, 19 classes, with the usual segmentation augmentation.
 
     Batches are ``{"image": float32 [B, 3, H, W] in [0, 1], "mask": int64 [B, H, W]
@@ -179,12 +168,6 @@ class CityscapesDataModule(AugmentedDataModule):
         """RGB colour of each train id (the official colour coding), for predicted masks."""
         return list(PALETTE)
 
-    @property
-    def predict_config(self) -> dict:
-        """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
-        return {"transform": "datamodules.segmentation_folder.eval_transform",
-                "transform_kwargs": {"scale": self.eval_scale}}  # one image per batch: a user's images differ in size
-
     def prepare_data(self) -> None:
         if self.quickstart:
             # Imported here: the writer uses this module's label table.
@@ -192,47 +175,9 @@ class CityscapesDataModule(AugmentedDataModule):
 
             write_cityscapes(self.root)
 
-    def setup(self, stage: str) -> None:
-        self.prepare_data()  # quickstart without prepare_data (e.g. a bare setup); atomic and idempotent
-        evaluate = eval_transform(self.eval_scale)
-        if stage == "fit":
-            samples = find_samples(self.root, "train")
-            if len(samples) < self.batch_size:
-                raise DatasetError(f"{self.root / 'leftImg8bit' / 'train'}: {len(samples)} images, fewer than one "
-                                   f"batch of {self.batch_size}")
-            transform = train_transform(self.crop_size, self.scale_range, self.flip_prob, self.color_jitter)
-            self.datasets["train"] = SegmentationDataset(samples, read_train_ids, transform)
-            # Used as is with num_workers=0 (workers reseed their copy): seeded by the run, no RNG drawn.
-            self.datasets["train"].reseed(torch.initial_seed() % 2**32)
-        if stage in ("fit", "validate"):
-            self.datasets["val"] = SegmentationDataset(find_samples(self.root, "val"), read_train_ids, evaluate)
-        if stage == "test":
-            self.datasets["test"] = SegmentationDataset(find_samples(self.root, self.test_split), read_train_ids,
-                                                         evaluate)
-        if stage == "predict":
-            if self.predict_root:
-                folder = require_dir(self.predict_root, "predict_root")
-                samples = [(p, None) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-                if not samples:
-                    raise DatasetError(f"{folder}: no {'/'.join(IMAGE_EXTENSIONS)} images")
-            else:
-                samples = find_samples(self.root, "test", with_labels=False)
-            self.datasets["predict"] = SegmentationDataset(samples, read_train_ids, evaluate)
+    def samples(self, split: str, with_labels: bool = True) -> list[tuple[Path, Path | None]]:
+        # test evaluates test_split (the official test labels are withheld); predict reads the test images
+        return find_samples(self.root, self.test_split if split == "test" and with_labels else split, with_labels)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader:
-        if split not in self.datasets:
-            raise RuntimeError(f"{split} data is not set up; call setup() with the matching stage first")
-        return make_loader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-                           num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_same_size)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.val_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", self.val_batch_size)
+    def read_mask(self):
+        return read_train_ids

@@ -314,7 +314,32 @@ class GroupedBatchSampler(BatchSampler):
             yield batch + list(itertools.islice(itertools.cycle(seen[group]), self.batch_size - len(batch)))
 
 
-class COCODataModule(AugmentedDataModule):
+class CategoryLabels:
+    """Labels of a COCO set's ``categories`` (sorted by id): label k (1..K, 0 is background) is the k-th."""
+
+    categories: list[dict]
+
+    @property
+    def num_classes(self) -> int:
+        """K object categories, background excluded."""
+        return len(self.categories)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Category names; index = label - 1."""
+        return [c["name"] for c in self.categories]
+
+    @property
+    def label_to_category_id(self) -> dict[int, int]:
+        """Contiguous label 1..K -> COCO category id."""
+        return {label: c["id"] for label, c in enumerate(self.categories, 1)}
+
+    @property
+    def category_id_to_label(self) -> dict[int, int]:
+        return {c["id"]: label for label, c in enumerate(self.categories, 1)}
+
+
+class COCODataModule(CategoryLabels, AugmentedDataModule):
     """COCO 2017 detection / instance segmentation in the official layout, for torchvision-style detectors.
 
     Batches are ``{"images": [float32 [3, H, W] in 0..1], "targets": [dict], "paths": [str]}``; a target
@@ -378,30 +403,12 @@ class COCODataModule(AugmentedDataModule):
             return list(DETECTION_CATEGORIES)  # prepare_data has not written them yet
         return read_categories(Path(self.val_annotation_file))
 
-    @property
-    def num_classes(self) -> int:
-        """K object categories, background excluded."""
-        return len(self.categories)
-
-    @property
-    def class_names(self) -> list[str]:
-        """Category names; index = label - 1."""
-        return [c["name"] for c in self.categories]
-
-    @property
-    def label_to_category_id(self) -> dict[int, int]:
-        """Contiguous label 1..K -> COCO category id."""
-        return {label: c["id"] for label, c in enumerate(self.categories, 1)}
 
     @property
     def predict_config(self) -> dict:
         """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
         return {"transform": "datamodules.coco.eval_transform", "collate": "datamodules.coco.collate_detection",
                 "batch_size": self.batch_size}
-
-    @property
-    def category_id_to_label(self) -> dict[int, int]:
-        return {c["id"]: label for label, c in enumerate(self.categories, 1)}
 
     def prepare_data(self) -> None:
         if self.quickstart and not (self.root.is_dir() and any(self.root.iterdir())):

@@ -302,8 +302,74 @@ def find_pairs(root: Path, img_dir: str, ann_dirs: Sequence[str], split: str, im
     return pairs
 
 
-# ---------------------------------------------------------------------- the datamodule
-class SegmentationFolderDataModule(AugmentedDataModule):
+# ---------------------------------------------------------------------- the datamodules
+class SegmentationDataModule(AugmentedDataModule):
+    """What every segmentation datamodule shares: datasets of (image, label) pairs with the usual
+    augmentation, loaders, and the predict configuration. A subclass sets the arguments that
+    ``check_augmentation`` checks (as attributes of the same names, plus ``root``, ``predict_root``,
+    ``pin_memory`` and ``datasets = {}``) and says how it finds pairs (``samples``) and decodes label
+    files (``read_mask``)."""
+
+    def samples(self, split: str, with_labels: bool = True) -> list[tuple[Path, Path | None]]:
+        """(image, label file) pairs of ``split`` ("train", "val" or "test"; label None without labels)."""
+        raise NotImplementedError
+
+    def read_mask(self) -> Callable[[Path], np.ndarray]:
+        """The label file decoder: uint8 ``[H, W]`` class ids, 255 unlabelled (it must pickle, for workers)."""
+        raise NotImplementedError
+
+    @property
+    def predict_config(self) -> dict:
+        """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
+        return {"transform": "datamodules.segmentation_folder.eval_transform",
+                "transform_kwargs": {"scale": self.eval_scale}}  # one image per batch: a user's images differ in size
+
+    def setup(self, stage: str) -> None:
+        self.prepare_data()  # a quickstart written without prepare_data (e.g. a bare setup); atomic and idempotent
+        evaluate, read_mask = eval_transform(self.eval_scale), self.read_mask()
+        if stage == "fit":
+            samples = self.samples("train")
+            if len(samples) < self.batch_size:
+                raise DatasetError(f"{self.root}: {len(samples)} training images, fewer than one batch of "
+                                   f"{self.batch_size}")
+            transform = train_transform(self.crop_size, self.scale_range, self.flip_prob, self.color_jitter)
+            self.datasets["train"] = SegmentationDataset(samples, read_mask, transform)
+            # Used as is with num_workers=0 (workers reseed their copy): seeded by the run, no RNG drawn.
+            self.datasets["train"].reseed(torch.initial_seed() % 2**32)
+        if stage in ("fit", "validate"):
+            self.datasets["val"] = SegmentationDataset(self.samples("val"), read_mask, evaluate)
+        if stage == "test":
+            self.datasets["test"] = SegmentationDataset(self.samples("test"), read_mask, evaluate)
+        if stage == "predict":
+            if self.predict_root:
+                folder = require_dir(self.predict_root, "predict_root")
+                samples = [(p, None) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+                if not samples:
+                    raise DatasetError(f"{folder}: no {'/'.join(IMAGE_EXTENSIONS)} images")
+            else:
+                samples = self.samples("test", with_labels=False)
+            self.datasets["predict"] = SegmentationDataset(samples, read_mask, evaluate)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"{split} data is not set up; call setup() with the matching stage first")
+        return make_loader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+                           num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_same_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.val_batch_size)
+
+
+class SegmentationFolderDataModule(SegmentationDataModule):
     """Semantic segmentation on your own folders (or ADE20K, PASCAL VOC, ...), with the usual augmentation.
 
     Batches are ``{"image": float32 [B, 3, H, W] in [0, 1], "mask": int64 [B, H, W] (class ids 0..K-1,
@@ -428,12 +494,6 @@ class SegmentationFolderDataModule(AugmentedDataModule):
         palette = self._classes()[1].palette
         return list(palette) if palette is not None else None
 
-    @property
-    def predict_config(self) -> dict:
-        """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
-        return {"transform": "datamodules.segmentation_folder.eval_transform",
-                "transform_kwargs": {"scale": self.eval_scale}}  # one image per batch: a user's images differ in size
-
     # ------------------------------------------------------------------ data
     def samples(self, split: str, with_labels: bool = True) -> list[tuple[Path, Path | None]]:
         """(image, label) pairs of ``split`` ("train", "val" or "test"), each image once."""
@@ -445,45 +505,5 @@ class SegmentationFolderDataModule(AugmentedDataModule):
                 pairs.setdefault(image, label)
         return list(pairs.items())
 
-    def setup(self, stage: str) -> None:
-        evaluate, read_mask = eval_transform(self.eval_scale), self._classes()[1]
-        if stage == "fit":
-            samples = self.samples("train")
-            if len(samples) < self.batch_size:
-                raise DatasetError(f"{self.root}: {len(samples)} training images ({self.splits['train']}), fewer "
-                                   f"than one batch of {self.batch_size}")
-            transform = train_transform(self.crop_size, self.scale_range, self.flip_prob, self.color_jitter)
-            self.datasets["train"] = SegmentationDataset(samples, read_mask, transform)
-            # Used as is with num_workers=0 (workers reseed their copy): seeded by the run, no RNG drawn.
-            self.datasets["train"].reseed(torch.initial_seed() % 2**32)
-        if stage in ("fit", "validate"):
-            self.datasets["val"] = SegmentationDataset(self.samples("val"), read_mask, evaluate)
-        if stage == "test":
-            self.datasets["test"] = SegmentationDataset(self.samples("test"), read_mask, evaluate)
-        if stage == "predict":
-            if self.predict_root:
-                folder = require_dir(self.predict_root, "predict_root")
-                samples = [(p, None) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-                if not samples:
-                    raise DatasetError(f"{folder}: no {'/'.join(IMAGE_EXTENSIONS)} images")
-            else:
-                samples = self.samples("test", with_labels=False)
-            self.datasets["predict"] = SegmentationDataset(samples, read_mask, evaluate)
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader:
-        if split not in self.datasets:
-            raise RuntimeError(f"{split} data is not set up; call setup() with the matching stage first")
-        return make_loader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-                           num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_same_size)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.val_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", self.val_batch_size)
+    def read_mask(self) -> LabelReader:
+        return self._classes()[1]

@@ -422,7 +422,7 @@ class StreamingImageNetDataModule(StreamingDataModule):
         self.datasets["val"] = self._split("val", eval_transform(self.image_size, self.val_resize), augment=False)
 
 
-class StreamingCOCODataModule(StreamingDataModule):
+class StreamingCOCODataModule(coco.CategoryLabels, StreamingDataModule):
     """COCO from LitData shards written by ``python -m datamodules.streaming convert --data coco``, with the
     folder datamodule's augmentation, targets and batches (``datamodules.coco.COCODataModule``; ``paths`` are
     relative to the converted root). Its evaluation attributes (``categories``, ``label_to_category_id``,
@@ -466,21 +466,6 @@ class StreamingCOCODataModule(StreamingDataModule):
     def categories(self) -> list[dict]:
         """The val split's categories sorted by id, as the folder datamodule read them."""
         return list(self.record["categories"])
-
-    @property
-    def num_classes(self) -> int:
-        """K object categories, background excluded."""
-        return len(self.categories)
-
-    @property
-    def class_names(self) -> list[str]:
-        """Category names; index = label - 1."""
-        return [c["name"] for c in self.categories]
-
-    @property
-    def label_to_category_id(self) -> dict[int, int]:
-        """Contiguous label 1..K -> COCO category id."""
-        return {label: c["id"] for label, c in enumerate(self.categories, 1)}
 
     @property
     def skipped_train_image_ids(self) -> list[int]:

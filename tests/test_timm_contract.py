@@ -134,8 +134,9 @@ def timm_command(forked: bool) -> list[str]:
 
 
 def _model_of(params: str) -> str | None:
-    """The FishNet variant among a test id's dash-separated parameters ("1-fishnet99" -> "fishnet99")."""
-    found = [p for p in params.split("-") if p in MODELS]
+    """The FishNet variant among a test id's dash-separated parameters ("1-fishnet99" -> "fishnet99"; a
+    pretrained tag, as timm's default_cfgs test takes, is its model's: "1-fishnet99.in1k" -> "fishnet99")."""
+    found = [p.split(".")[0] for p in params.split("-") if p.split(".")[0] in MODELS]
     return found[0] if len(found) == 1 else None
 
 

@@ -71,7 +71,7 @@ def test_a_folder_without_images_or_a_missing_one_is_named(tmp_path):
 def test_it_only_predicts_and_needs_the_number_of_classes(tmp_path):
     datamodule = PredictFolderDataModule(str(tmp_path))
     with pytest.raises(ValueError, match="needs num_classes"):
-        datamodule.num_classes
+        _ = datamodule.num_classes
     with pytest.raises(ValueError, match="only predicts"):
         datamodule.setup("fit")
 
