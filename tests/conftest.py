@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -76,13 +77,47 @@ def csv_logger(save_dir) -> list[str]:
 @pytest.fixture(scope="session")
 def classification_quickstart(tmp_path_factory):
     """The README's classification quickstart, fitted and tested once per session: (cli, working
-    directory). The segmentation quickstart fine-tunes from its checkpoint in the same directory."""
-    cwd = tmp_path_factory.mktemp("quickstart")
+    directory). Fitted in ``classification_quickstart_dir``'s folder unless another xdist worker got there
+    first (that worker's run has no cli here)."""
+    shared = _session_dir(tmp_path_factory) / "classification_quickstart"
+    with FileLock(f"{shared}.lock"):
+        done = (shared / DONE).exists()
+        cwd = tmp_path_factory.mktemp("quickstart") if done else shared
+        cli = _fit_classification_quickstart(cwd, test=True)
+        if not done:
+            (shared / DONE).touch()
+    return cli, cwd
+
+
+@pytest.fixture(scope="session")
+def classification_quickstart_dir(tmp_path_factory) -> Path:
+    """A working directory holding the fitted classification quickstart (``runs/quickstart/classification``),
+    where the segmentation quickstart fine-tunes from its checkpoint: fitted once for all xdist workers."""
+    shared = _session_dir(tmp_path_factory) / "classification_quickstart"
+    with FileLock(f"{shared}.lock"):
+        if not (shared / DONE).exists():
+            _fit_classification_quickstart(shared, test=False)
+            (shared / DONE).touch()
+    return shared
+
+
+DONE = ".fitted"
+
+
+def _session_dir(tmp_path_factory) -> Path:
+    """The temporary folder of the whole session: xdist workers each have one below it."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _fit_classification_quickstart(cwd: Path, test: bool):
+    cwd.mkdir(parents=True, exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
         cli = run_cli(["fit", "--config", CONFIGS / "quickstart" / "classification.yaml"])
-        cli.test_metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")[0]
-    return cli, cwd
+        if test:
+            cli.test_metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")[0]
+    return cli
 
 
 def predict_from_checkpoint_alone(ckpt: Path, images: list[Path], tmp_path: Path, *args) -> tuple[Path, list[str]]:

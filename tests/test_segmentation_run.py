@@ -28,17 +28,17 @@ CLASSIFICATION_CKPT = "runs/quickstart/classification/checkpoints/last.ckpt"
 
 
 @pytest.fixture(scope="module")
-def quickstart(classification_quickstart):
+def quickstart(classification_quickstart_dir):
     """The README's segmentation quickstart, run after the classification one in its directory."""
-    _, cwd = classification_quickstart
+    cwd = classification_quickstart_dir
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
         cli = run_cli(["fit", "--config", QUICKSTART, "--trainer.enable_progress_bar", "false"])
     return cli, cwd
 
 
-def test_fine_tuning_starts_from_the_classification_backbone_without_its_classifier(classification_quickstart):
-    _, cwd = classification_quickstart
+def test_fine_tuning_starts_from_the_classification_backbone_without_its_classifier(classification_quickstart_dir):
+    cwd = classification_quickstart_dir
     ckpt = torch.load(cwd / CLASSIFICATION_CKPT, weights_only=True)["state_dict"]
     model = FishNetModule(head=SegmentationHead(), backbone="fishnet_tiny", num_classes=19,
                           backbone_weights=str(cwd / CLASSIFICATION_CKPT))
@@ -100,8 +100,8 @@ def test_predict_writes_a_cityscapes_colour_mask_and_an_overlay_per_image(quicks
     assert (out / "unreadable.txt").read_text().splitlines() == unreadable
 
 
-def test_backbone_can_stay_frozen_for_the_first_epochs(classification_quickstart, tmp_path):
-    _, cwd = classification_quickstart
+def test_backbone_can_stay_frozen_for_the_first_epochs(classification_quickstart_dir, tmp_path):
+    cwd = classification_quickstart_dir
     args = ["fit", "--config", QUICKSTART, "--model.backbone_weights", cwd / CLASSIFICATION_CKPT,
             "--data.init_args.root", cwd / "data/quickstart/cityscapes", "--data.init_args.num_workers", "0",
             "--model.frozen_stages", "11", "--model.unfreeze_at_epoch", "1", "--trainer.limit_train_batches", "1",
