@@ -133,7 +133,7 @@ class CityscapesDataModule(SegmentationDataModule):
             label files are placeholders), hence ``val`` by default.
         quickstart: write the built-in quickstart dataset (official layout) into ``root`` first, if
             ``root`` does not hold it.
-        predict_root: folder of ``.png``/``.jpg`` images to predict (searched recursively); default:
+        predict_root: folder of images to predict (searched recursively, ``find_images``); default:
             the images of the ``test`` split.
         pin_memory: pin batches in page-locked memory for faster GPU copies.
     """

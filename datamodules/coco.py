@@ -30,6 +30,7 @@ from datamodules.common import (
     AugmentedDataset,
     DatasetError,
     ResumableRandomSampler,
+    find_images,
     make_loader,
     read_rgb,
     require_dir,
@@ -37,7 +38,6 @@ from datamodules.common import (
 from datamodules.quickstart_detection import DETECTION_CATEGORIES, write_detection
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 
 @dataclass
@@ -436,10 +436,7 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
             self.datasets["test"] = CocoDataset(self._split(self.test_split), eval_transform(), self.with_masks)
         if stage == "predict":
             if self.predict_root:
-                folder = require_dir(self.predict_root, "predict_root")
-                samples = [(p, None) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-                if not samples:
-                    raise DatasetError(f"{folder}: no {'/'.join(IMAGE_EXTENSIONS)} images")
+                samples = [(p, None) for p in find_images(self.predict_root)]
             else:
                 samples = [(record.path, record.image_id) for record in self._split(self.val_split)]
             self.datasets["predict"] = PredictDataset(samples, eval_transform())

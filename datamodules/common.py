@@ -72,6 +72,19 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
         raise DatasetError(f"{path}: cannot be decoded as a label image ({err})") from err
 
 
+#: What ``find_images`` collects (a folder to predict): the formats Pillow decodes that cameras and datasets use.
+PREDICT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively, by extension, any case), sorted."""
+    folder = require_dir(folder, "predict_root")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PREDICT_EXTENSIONS and p.is_file())
+    if not paths:
+        raise DatasetError(f"{folder}: no image files ({' '.join(PREDICT_EXTENSIONS)}) in it or its subfolders")
+    return paths
+
+
 def seed_worker(worker_id: int) -> None:
     """``worker_init_fn``: give this worker's augmentation pipeline its own random stream."""
     info = torch.utils.data.get_worker_info()

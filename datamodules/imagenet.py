@@ -19,6 +19,7 @@ from datamodules.common import (
     AugmentedDataModule,
     AugmentedDataset,
     DatasetError,
+    find_images,
     make_loader,
     read_rgb,
     require_dir,
@@ -176,9 +177,7 @@ class ImageNetDataModule(AugmentedDataModule):
             self.datasets["val"] = ImageDataset(self._val_samples(classes), evaluate, self.skip_unreadable)
         if stage == "predict":
             if self.predict_root:
-                folder = require_dir(self.predict_root, "predict_root")
-                paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-                samples = [(p, -1) for p in paths]
+                samples = [(p, -1) for p in find_images(self.predict_root)]
             else:
                 samples = self._val_samples(classes)
             self.datasets["predict"] = ImageDataset(samples, evaluate, self.skip_unreadable)

@@ -23,22 +23,9 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.common import DatasetError, collate_same_size, read_rgb, require_dir
+from datamodules.common import DatasetError, collate_same_size, find_images, read_rgb
 
 log = logging.getLogger(__name__)
-
-#: What ``find_images`` collects: the formats Pillow decodes that cameras and datasets use.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def find_images(folder: str | Path) -> list[Path]:
-    """Every image file under ``folder`` (recursively, by extension, any case), sorted."""
-    folder = require_dir(folder, "predict_root")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not paths:
-        raise DatasetError(f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in it or its subfolders")
-    return paths
-
 
 def to_float() -> A.Compose:
     """The images as they are, float32 in [0, 1]: for models that resize themselves (detection)."""

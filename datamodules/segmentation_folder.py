@@ -41,6 +41,7 @@ from datamodules.common import (
     AugmentedDataset,
     DatasetError,
     collate_same_size,
+    find_images,
     make_loader,
     read_rgb,
     require_dir,
@@ -342,10 +343,7 @@ class SegmentationDataModule(AugmentedDataModule):
             self.datasets["test"] = SegmentationDataset(self.samples("test"), read_mask, evaluate)
         if stage == "predict":
             if self.predict_root:
-                folder = require_dir(self.predict_root, "predict_root")
-                samples = [(p, None) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-                if not samples:
-                    raise DatasetError(f"{folder}: no {'/'.join(IMAGE_EXTENSIONS)} images")
+                samples = [(p, None) for p in find_images(self.predict_root)]
             else:
                 samples = self.samples("test", with_labels=False)
             self.datasets["predict"] = SegmentationDataset(samples, read_mask, evaluate)
@@ -409,7 +407,7 @@ class SegmentationFolderDataModule(SegmentationDataModule):
             1 +- color_jitter); 0 disables it.
         eval_scale: resize factor of validation, test and predict images (and labels, nearest).
         val_batch_size: images per device and step in validation, test and predict.
-        predict_root: folder of ``.png``/``.jpg`` images to predict (searched recursively); default: the
+        predict_root: folder of images to predict (searched recursively, ``find_images``); default: the
             images of ``test_split``.
         pin_memory: pin batches in page-locked memory for faster GPU copies.
     """
