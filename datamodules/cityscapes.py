@@ -22,6 +22,7 @@ from datamodules.segmentation_folder import (
     SegmentationDataModule,
     SegmentationDataset,
     check_augmentation,
+    check_no_missing_labels,
 )
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -97,11 +98,7 @@ def find_samples(root: Path, split: str, with_labels: bool = True) -> list[tuple
     labels_dir = require_dir(require_dir(root / "gtFine", "gtFine labels") / split, f"{split} split labels")
     samples = [(path, labels_dir / path.parent.name / (path.name[:-len(IMAGE_SUFFIX)] + LABEL_SUFFIX))
                for path in images]
-    missing = [(image, label) for image, label in samples if not label.is_file()]
-    if missing:
-        image, label = missing[0]
-        more = f" (and {len(missing) - 1} more images without labels)" if len(missing) > 1 else ""
-        raise DatasetError(f"{label}: label file of {image.name} does not exist{more}")
+    check_no_missing_labels([(image, label) for image, label in samples if not label.is_file()])
     return samples
 
 

@@ -314,6 +314,16 @@ class GroupedBatchSampler(BatchSampler):
             yield batch + list(itertools.islice(itertools.cycle(seen[group]), self.batch_size - len(batch)))
 
 
+def check_augmentation(batch_size: int, num_workers: int, scale_range, flip_prob: float) -> None:
+    """The loading and augmentation arguments of a COCO datamodule (folders or shards), or a ValueError."""
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+    if not 0 < scale_range[0] <= scale_range[1]:
+        raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+    if not 0 <= flip_prob <= 1:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+
+
 class CategoryLabels:
     """Labels of a COCO set's ``categories`` (sorted by id): label k (1..K, 0 is background) is the k-th."""
 
@@ -373,12 +383,7 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
                  group_aspect_ratio: bool = True, quickstart: bool = False, predict_root: str | None = None,
                  pin_memory: bool = True):
         super().__init__()
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-        if not 0 < scale_range[0] <= scale_range[1]:
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
-        if not 0 <= flip_prob <= 1:
-            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        check_augmentation(batch_size, num_workers, scale_range, flip_prob)
         self.root, self.batch_size, self.num_workers = Path(root), batch_size, num_workers
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self.with_masks, self.scale_range, self.flip_prob = with_masks, tuple(scale_range), flip_prob

@@ -296,11 +296,16 @@ def find_pairs(root: Path, img_dir: str, ann_dirs: Sequence[str], split: str, im
         if label is None:
             missing.append((path, candidates[0]))
         pairs.append((path, label))
+    check_no_missing_labels(missing)
+    return pairs
+
+
+def check_no_missing_labels(missing: list[tuple[Path, Path]]) -> None:
+    """Raise ``DatasetError`` naming the first (image, expected label file) pair of ``missing``, if any."""
     if missing:
         image, label = missing[0]
         more = f" (and {len(missing) - 1} more images without labels)" if len(missing) > 1 else ""
         raise DatasetError(f"{label}: label file of {image.name} does not exist{more}")
-    return pairs
 
 
 # ---------------------------------------------------------------------- the datamodules

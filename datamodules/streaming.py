@@ -453,12 +453,7 @@ class StreamingCOCODataModule(coco.CategoryLabels, StreamingDataModule):
                  scale_range: tuple[float, float] = (0.8, 1.2), flip_prob: float = 0.5, cache_dir: str | None = None,
                  max_cache_size: str | None = None, pin_memory: bool = True):
         super().__init__(shards, batch_size, num_workers, cache_dir, max_cache_size, pin_memory)
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-        if not 0 < scale_range[0] <= scale_range[1]:
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
-        if not 0 <= flip_prob <= 1:
-            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        coco.check_augmentation(batch_size, num_workers, scale_range, flip_prob)
         self.with_masks, self.scale_range, self.flip_prob = with_masks, tuple(scale_range), flip_prob
         self._annotation_files: dict[str, str] = {}
 

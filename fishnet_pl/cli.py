@@ -66,7 +66,7 @@ class FishNetCLI(LightningCLI):
         data = config.get("data")
         if not data or data.get("class_path") != PREDICT_FOLDER or not os.path.isfile(config["ckpt_path"]):
             return
-        ckpt = read_checkpoint(config["ckpt_path"])
+        ckpt = read_checkpoint(config["ckpt_path"], mmap=True)  # a few small entries: the tensors stay on disk
         recorded = {**ckpt.get(CKPT_PREDICT_DATA_KEY, {}), "class_names": ckpt.get(CKPT_CLASS_NAMES_KEY),
                     "num_classes": ckpt["hyper_parameters"].get("num_classes")}
         init = data["init_args"]
@@ -112,8 +112,9 @@ class FishNetCLI(LightningCLI):
         if config.get("predict_dir"):
             check_writable(config["predict_dir"], "--predict_dir")
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+            # A file given by name was checked in parse_arguments; the one "last" finds is checked here.
             config["ckpt_path"] = self._last_checkpoint()
-        check_checkpoint(config.get("ckpt_path"), resume=self.subcommand == "fit")
+            check_checkpoint(config["ckpt_path"], resume=True)
 
     def _last_checkpoint(self) -> str:
         """``--ckpt_path last``: the newest checkpoint this run folder holds, else ``last`` (Lightning starts afresh).

@@ -241,17 +241,20 @@ class LRFactor:
         return 1.0
 
 
-def _class_names(module: FishNetModule) -> list[str] | None:
-    """The datamodule's ``class_names`` (or ``classes``) when the module is attached to a trainer with one."""
+def _datamodule_attr(module: FishNetModule, name: str) -> Any:
+    """An attribute of the datamodule the module's trainer holds; None when unattached, absent or unreadable."""
     trainer = getattr(module, "_trainer", None)  # the trainer property raises when unattached
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    if datamodule is None:
+    try:
+        return getattr(datamodule, name, None)
+    except Exception:  # e.g. a dataset folder that is not there (any more)
         return None
+
+
+def _class_names(module: FishNetModule) -> list[str] | None:
+    """The datamodule's ``class_names`` (or ``classes``) when the module is attached to a trainer with one."""
     for attr in ("class_names", "classes"):
-        try:
-            names = getattr(datamodule, attr, None)
-        except Exception:  # e.g. a dataset folder that is not there (any more)
-            names = None
+        names = _datamodule_attr(module, attr)
         if names is not None:
             return [str(n) for n in names]
     return None
@@ -259,16 +262,11 @@ def _class_names(module: FishNetModule) -> list[str] | None:
 
 def _predict_data(module: FishNetModule) -> dict[str, Any]:
     """``PredictFolderDataModule`` arguments that reproduce the datamodule's evaluation images (plain values)."""
-    trainer = getattr(module, "_trainer", None)
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    record = {}
-    for attr in ("predict_config", "palette", "label_to_category_id"):
-        try:
-            value = getattr(datamodule, attr, None)
-        except Exception:  # e.g. a dataset folder that is not there (any more)
-            value = None
+    record = dict(_datamodule_attr(module, "predict_config") or {})
+    for attr in ("palette", "label_to_category_id"):
+        value = _datamodule_attr(module, attr)
         if value is not None:
-            record.update(value if attr == "predict_config" else {attr: value})
+            record[attr] = value
     if "palette" in record:
         record["palette"] = [list(map(int, colour)) for colour in record["palette"]]
     return record
