@@ -345,6 +345,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "choice, as on CUDA)")
     parser.add_argument("--json", default=str(RESULTS_DIR / "backbones.json"),
                         help="where to write the results (default: bench/results/backbones.json)")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: freed CPU memory stays in the process for the next step, as fishnet-pl runs "
+                             "(fishnet_pl.keep_freed_memory); default: glibc's own thresholds, which page-fault "
+                             "large blocks in anew every step (default: keep)")
     parser.add_argument("--profile", action="store_true",
                         help="also print the top ops of one eager training step of each model")
     args = parser.parse_args(argv)
@@ -416,6 +420,8 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {"models": list(args.models), "modes": list(args.modes), "baseline": args.baseline,
                      "batch_size": args.batch_size, "image_size": args.image_size, "steps": args.steps,
                      "seconds": args.seconds, "warmup": args.warmup,
+                     "malloc": ("glibc keeps freed memory (fishnet_pl.keep_freed_memory)"
+                                if getattr(args, "malloc_kept", False) else "the C library's default"),
                      "train_step": "forward, cross-entropy, backward, SGD(momentum=0.9) step",
                      "infer_step": "forward in eval mode under torch.inference_mode",
                      "throughput": "batch size / fastest timed step (images_per_s_median: / median step)",
@@ -436,7 +442,8 @@ def report(payload: dict) -> str:
         "",
         f"{m['cores']} cores, {m['torch_threads']} torch threads, {m['cpu_capability']}; torch {m['torch']}, "
         f"timm {m.get('timm', '?')}, torchvision {m['torchvision']}, Python {m['python']}. "
-        f"Fastest of >= {s['steps']} timed steps after {s['warmup']} warm-up; {payload['wall_s']:.0f} s of measuring.",
+        f"Fastest of >= {s['steps']} timed steps after {s['warmup']} warm-up; {payload['wall_s']:.0f} s of measuring. "
+        f"CPU allocator: {s.get('malloc', '?')}.",
         "",
         *_load_warning(m),
         f"Ratios are to {s['baseline']} in the same mode and run (the headline: absolute images/s drift on "
@@ -478,6 +485,7 @@ def _load_warning(machine: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     threads = torch.get_num_threads()
+    args.malloc_kept = args.malloc == "keep" and fishnet_pl.keep_freed_memory()  # process-wide, every model alike
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -7,6 +7,7 @@ needs neither Lightning nor the task dependencies.
 
 import importlib
 
+from fishnet_pl.malloc import keep_freed_memory  # noqa: F401
 from fishnet_pl.models import (  # noqa: F401
     FishNet,
     FishNetConfig,

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from fishnet_pl.callbacks import PredictionWriter
 from fishnet_pl.inference import read_checkpoint
+from fishnet_pl.malloc import keep_freed_memory
 from fishnet_pl.models.weights import CKPT_BACKBONE_KEY, CKPT_CLASS_NAMES_KEY, CKPT_PREDICT_DATA_KEY
 from fishnet_pl.module import FishNetModule
 
@@ -170,6 +171,7 @@ def check_checkpoint(ckpt_path: str | os.PathLike | None, resume: bool) -> None:
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> FishNetCLI:
     """Parse ``args`` (default: the command line), build trainer, model and data, and run the subcommand."""
+    keep_freed_memory()  # CPU steps reuse freed blocks instead of page-faulting them in anew
     if args is None:  # rewritten in place, so DDP's re-launched processes see the same command line
         sys.argv[1:] = _predict_from_checkpoint_alone(sys.argv[1:])
     else:

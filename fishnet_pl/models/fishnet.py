@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
+from timm.models import (build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function,
+                         register_notrace_module)
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -99,13 +100,50 @@ class Bottleneck(nn.Module):
         out = self.conv2(F.relu(self.bn2(out), inplace=True))
         out = self.conv3(F.relu(self.bn3(out), inplace=True))
         if self.k > 1:
-            shortcut = x.unflatten(1, (-1, self.k)).sum(2)
+            shortcut = channel_sum(x, self.k)
         elif self.shortcut is not None:
             shortcut = self.shortcut(x)
         else:
             shortcut = x
         # In place: conv3's output is needed by no backward, and a fresh full-size sum costs ~10% of inference.
         return out.add_(shortcut)
+
+
+@register_notrace_function  # FX: a leaf, as it branches on autograd
+def channel_sum(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum each run of ``k`` adjacent channels (the UR-block's shortcut)."""
+    runs = x.unflatten(1, (-1, k))
+    if x.requires_grad and torch.is_grad_enabled():
+        return runs.sum(2)  # its backward (one expand) is the cheaper one in training
+    # Without autograd, adding the k strided slices is 3-10x faster than the reduction, and in
+    # channels_last it keeps the layout (``sum`` returns NCHW, slowing the residual add after it).
+    out = runs[:, :, 0] + runs[:, :, 1]
+    for i in range(2, k):
+        out += runs[:, :, i]
+    return out
+
+
+@register_notrace_module  # FX: a leaf, as it branches on autograd and sizes
+class MaxPool2x2(nn.MaxPool2d):
+    """2x2, stride-2 max-pooling, as ``nn.MaxPool2d(2, stride=2)``, with a faster inference path.
+
+    Without autograd the maximum of the four strided sub-grids is the same value as torch's kernel
+    gives, 3-7x faster on the CPU in NCHW (where torch's kernel loops per output element) and a bit
+    faster in channels_last. Training (which needs the kernel's indices), odd sizes, TorchScript
+    and ONNX export take ``nn.MaxPool2d``'s path.
+    """
+
+    def __init__(self):
+        super().__init__(2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or (x.requires_grad and torch.is_grad_enabled()) or x.dim() != 4 or x.shape[2] % 2
+                or x.shape[3] % 2):
+            return super().forward(x)
+        rows = x.unflatten(2, (-1, 2))
+        rows = torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1])
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
 def _blocks(in_ch: int, out_ch: int, n: int, cfg: FishNetConfig, *, dilation: int = 1,
@@ -126,7 +164,7 @@ class TailStage(nn.Module):
     def __init__(self, blocks: nn.Sequential):
         super().__init__()
         self.blocks = blocks
-        self.resample = nn.MaxPool2d(2, stride=2)
+        self.resample = MaxPool2x2()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resample(self.blocks(x))
@@ -232,7 +270,7 @@ class FishNet(nn.Module):
         for planes, n, nt, src in zip(cfg.head_planes, cfg.head_blocks, cfg.head_transfer_blocks,
                                       HEAD_TRANSFER_FROM):
             self.head.append(RefineStage(_blocks(chs[-1], planes, n, cfg), _blocks(chs[src], chs[src], nt, cfg),
-                                         nn.MaxPool2d(2, stride=2)))
+                                         MaxPool2x2()))
             chs.append(planes + chs[src]), strides.append(strides[-1] * 2)
         self._map_channels, self._map_strides = chs, strides
 
@@ -308,7 +346,7 @@ class FishNet(nn.Module):
 
         for t, stage in enumerate(self.tail):  # blocks at f_t's stride, pool to f_{t+1}
             dilate(stage.blocks, s[t])
-            stage.resample = nn.MaxPool2d(2, stride=2) if eff(s[t]) != eff(s[t + 1]) else nn.Identity()
+            stage.resample = MaxPool2x2() if eff(s[t]) != eff(s[t + 1]) else nn.Identity()
         dilate(self.bridge.blocks, s[4])
         for u, stage in enumerate(self.body):  # blocks at f_{4+u}'s stride, up-sample to f_{5+u}
             dilate(stage.blocks, s[4 + u])
@@ -318,7 +356,7 @@ class FishNet(nn.Module):
         for h, stage in enumerate(self.head):  # blocks at f_{7+h}'s stride, pool to f_{8+h}
             dilate(stage.blocks, s[7 + h])
             dilate(stage.transfer, s[HEAD_TRANSFER_FROM[h]])
-            stage.resample = nn.MaxPool2d(2, stride=2) if eff(s[7 + h]) != eff(s[8 + h]) else nn.Identity()
+            stage.resample = MaxPool2x2() if eff(s[7 + h]) != eff(s[8 + h]) else nn.Identity()
         self.output_stride = output_stride
         self.feature_info = [dict(num_chs=c, reduction=min(r, output_stride), module=m)
                              for _, c, r, m in self._feature_maps]

@@ -385,3 +385,50 @@ def test_channels_last_gives_the_same_output():
         torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), expected, atol=1e-4, rtol=1e-4)
 
 
+
+
+# ---------------------------------------------------------------------- inference fast paths
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_2x2_max_pool_gives_torchs_values_without_autograd_and_its_gradients_with(memory_format):
+    from fishnet_pl.models.fishnet import MaxPool2x2
+
+    pool, reference = MaxPool2x2(), nn.MaxPool2d(2, stride=2)
+    # Many ties (small integers) and a NaN: the fast path must pick the same values as torch's kernel.
+    x = torch.randint(0, 3, (2, 6, 8, 10)).float().contiguous(memory_format=memory_format)
+    x[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        got = pool(x)
+    torch.testing.assert_close(got, reference(x), rtol=0, atol=0, equal_nan=True)
+    assert got.is_contiguous(memory_format=memory_format)
+    with torch.no_grad():  # odd sizes floor, as nn.MaxPool2d does
+        odd = torch.randn(1, 3, 7, 9)
+        torch.testing.assert_close(pool(odd), reference(odd), rtol=0, atol=0)
+    # Training: the gradient goes to the first maximum of each window, as torch's indices say.
+    ours, theirs = (x.detach().nan_to_num().requires_grad_() for _ in range(2))
+    grad = torch.randn(2, 6, 4, 5)
+    pool(ours).backward(grad)
+    reference(theirs).backward(grad)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0)
+
+
+def test_the_ur_block_channel_sum_is_the_same_with_and_without_autograd():
+    from fishnet_pl.models.fishnet import channel_sum
+
+    for k in (2, 3):
+        x = torch.randn(2, 4 * k, 5, 5)
+        expected = x.unflatten(1, (-1, k)).sum(2)
+        with torch.no_grad():
+            for layout in (torch.contiguous_format, torch.channels_last):
+                got = channel_sum(x.contiguous(memory_format=layout), k)
+                torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+                assert got.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(channel_sum(x.requires_grad_(), k), expected, rtol=0, atol=0)
+        x.requires_grad_(False)
+
+
+def test_eval_outputs_are_the_same_with_and_without_autograd():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = model(x)
+    torch.testing.assert_close(model(x), fast, rtol=1e-6, atol=1e-6)
