@@ -432,3 +432,16 @@ def test_eval_outputs_are_the_same_with_and_without_autograd():
     with torch.no_grad():
         fast = model(x)
     torch.testing.assert_close(model(x), fast, rtol=1e-6, atol=1e-6)
+
+
+def test_the_nearest_up_sampling_gives_torchs_values_and_gradients():
+    from fishnet_pl.models.fishnet import Upsample2x
+
+    ours, reference = Upsample2x(), nn.Upsample(scale_factor=2, mode="nearest")
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 5, 3, 4).contiguous(memory_format=layout).requires_grad_()
+        grad = torch.randn(2, 5, 6, 8)
+        got, expected = ours(x), reference(x)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        (got_grad,), (expected_grad,) = torch.autograd.grad(got, x, grad), torch.autograd.grad(expected, x, grad)
+        torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=0)
