@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import difflib
+import resource
 import statistics
 import sys
 import time
@@ -94,6 +95,11 @@ def count_macs(name: str, image_size: int = 224) -> int:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _minor_page_faults() -> int:
+    """This process's minor page faults so far: first touches of memory the kernel must map and zero."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _timed(step: Callable[[], None], device: torch.device) -> float:
@@ -195,8 +201,9 @@ def measure_mode(bases: dict[str, nn.Module], mode: str, *, batch_size: int, ima
             results[name] = {"train": {"error": _failure(err)}, "infer": {"error": _failure(err)}}
     # torch.compile compiles in the first warm-up call (again for eval mode), never in the timing.
     warmup = max(warmup, 1) if mode == "compile" else warmup
-    for part in ("train", "infer"):
+    for part in ("infer", "train"):  # inference first, as in a process that only predicts
         times: dict[str, list[float]] = {}
+        faults: dict[str, list[int]] = {name: [] for name in prepared}
         first_call: dict[str, float] = {}
         for name, (model, step) in prepared.items():
             if part not in step:
@@ -214,7 +221,9 @@ def measure_mode(bases: dict[str, nn.Module], mode: str, *, batch_size: int, ima
             order = list(times)
             for name in order[rounds % len(order):] + order[:rounds % len(order)]:  # rotate who goes first
                 try:
+                    before = _minor_page_faults()
                     times[name].append(_timed(prepared[name][1][part], device))
+                    faults[name].append(_minor_page_faults() - before)
                 except Exception as err:
                     results[name][part] = {"error": _failure(err)}
                     del times[name]
@@ -232,6 +241,7 @@ def measure_mode(bases: dict[str, nn.Module], mode: str, *, batch_size: int, ima
             results[name][part] = {"images_per_s": batch_size / fastest, "step_ms": 1000 * fastest,
                                    "images_per_s_median": batch_size / median, "step_ms_median": 1000 * median,
                                    "steps": len(measured), "peak_memory_mb": peak / 2**20,
+                                   "page_faults_median": statistics.median(faults[name]),
                                    "compile_s": first_call.get(name) if mode == "compile" else None}
     if device.type == "cuda":
         del prepared
@@ -264,7 +274,8 @@ def _fmt(value: float | None, digits: int = 2) -> str | None:
 
 def speed_table(rows: list[dict], baseline: str) -> str:
     header = ["model", "mode", "train img/s", f"train x {baseline}", "train MAC/s x", "infer img/s",
-              f"infer x {baseline}", "infer MAC/s x", "train peak MB", "infer peak MB", "compile s (train/infer)"]
+              f"infer x {baseline}", "infer MAC/s x", "train peak MB", "infer peak MB",
+              "page faults/step (train/infer)", "compile s (train/infer)"]
     lines = []
     for row in rows:
         train, infer = row["train"], row["infer"]
@@ -277,7 +288,9 @@ def speed_table(rows: list[dict], baseline: str) -> str:
             _fmt(train.get("macs_per_s_vs_baseline")),
             infer.get("error") or _fmt(infer["images_per_s"], 1), _fmt(infer.get("vs_baseline")),
             _fmt(infer.get("macs_per_s_vs_baseline")),
-            _fmt(train.get("peak_memory_mb"), 0), _fmt(infer.get("peak_memory_mb"), 0), compile_s,
+            _fmt(train.get("peak_memory_mb"), 0), _fmt(infer.get("peak_memory_mb"), 0),
+            f"{_fmt(train.get('page_faults_median'), 0) or '-'} / {_fmt(infer.get('page_faults_median'), 0) or '-'}",
+            compile_s,
         ])
     return markdown_table(header, lines)
 
@@ -461,6 +474,9 @@ def report(payload: dict) -> str:
          "`--modes eager,compile` to measure it."),
         "",
         f"Peak memory: {s['peak_memory']}.",
+        "",
+        "Page faults: the process's median minor page faults per timed step, each a 4 KiB page of freshly "
+        "allocated memory the kernel maps and zeroes (`--malloc keep` lets glibc reuse freed memory instead).",
         "",
         "## Multiply-adds (torch.utils.flop_counter, FLOPs / 2)",
         "",

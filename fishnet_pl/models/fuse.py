@@ -4,9 +4,10 @@ FishNet's bottlenecks are pre-activation (BN-ReLU-conv) x 3: the BatchNorm befor
 last 1x1 convolution directly follows a convolution, so in eval mode it is an affine map that folds into
 that convolution's weights and bias (two of every three BatchNorms); so do the stem's conv-BN pairs and the
 score layer's. The first BatchNorm of a block reads the residual sum and stays. The copy also runs in
-channels_last, where oneDNN's convolutions and torch's max-pool and nearest up-sampling kernels are much
-faster on the CPU than in NCHW (``python -m bench.backbones`` measures it). The model itself is not
-modified, so training is unaffected.
+channels_last, where oneDNN's convolutions are faster on the CPU than in NCHW (``python -m bench.backbones``
+measures it). Max-pooling, up-sampling and the UR-blocks' channel sums take the model's own no-autograd
+fast paths (``MaxPool2x2``, ``Upsample2x``, ``channel_sum``). The model itself is not modified, so
+training is unaffected.
 """
 
 from __future__ import annotations
