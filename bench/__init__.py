@@ -1,7 +1,8 @@
-"""Benchmarks: ``python -m bench.backbones`` (models) and ``python -m bench.data`` (input pipelines).
+"""Benchmarks: ``python -m bench.backbones`` (models), ``python -m bench.ops`` (FishNet's resampling ops) and
+``python -m bench.data`` (input pipelines).
 
-Both print Markdown tables and write JSON under ``bench/results/`` (gitignored) with the machine and
-versions, since absolute numbers only mean something next to the machine that produced them.
+They print Markdown tables; backbones and data also write JSON under ``bench/results/`` (gitignored) with
+the machine and versions, since absolute numbers only mean something next to the machine that produced them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import timm
 import torch
 import torchvision
 
-from bench import backbones, data
+from bench import backbones, data, ops
 
 # One thread: steadier on a shared machine, where 2-thread ops stall whenever a thread is descheduled.
 TINY = ["--device", "cpu", "--threads", "1", "--batch-size", "2", "--image-size", "64", "--steps", "1", "--warmup", "1"]
@@ -42,6 +42,16 @@ def test_backbone_bench_writes_throughput_ratios_memory_and_machine(tmp_path, ca
 
     printed = capsys.readouterr().out
     assert "| fishnet_tiny | channels_last |" in printed and "| resnet50 | 25.56 | 4.09 | 4.10 | -0.3% |" in printed
+
+
+def test_ops_bench_times_torchs_op_and_ours_for_each_layout_and_pass(capsys):
+    rows = ops.main(["--batch-size", "1", "--repeats", "1", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert {(op, layout, run) for op, layout, run, *_ in rows} == {
+        (op, layout, run) for op in ("2x2 max-pool", "nearest 2x up-sampling", "UR channel-pair sum")
+        for layout in ("NCHW", "channels_last") for run in ("inference", "forward + backward")}
+    for *_, theirs, ours, speedup in rows:
+        assert float(theirs) > 0 and float(ours) > 0 and speedup in printed
 
 
 def test_the_added_references_resnext50_and_densenet161_can_be_selected_and_measured(tmp_path, capsys):
