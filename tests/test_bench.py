@@ -44,6 +44,16 @@ def test_backbone_bench_writes_throughput_ratios_memory_and_machine(tmp_path, ca
     assert "| fishnet_tiny | channels_last |" in printed and "| resnet50 | 25.56 | 4.09 | 4.10 | -0.3% |" in printed
 
 
+def test_fused_mode_times_the_unfused_model_in_turn_and_reports_the_speed_up(tmp_path, capsys):
+    payload = backbones.main(["--models", "fishnet_tiny", "--modes", "fused", *TINY,
+                              "--json", str(tmp_path / "b.json")])
+    (row,) = [row for row in payload["results"] if row["model"] == "fishnet_tiny"]
+    assert "error" in row["train"]  # fused is for inference only
+    assert row["infer"]["images_per_s"] > 0 and row["infer_unfused"]["images_per_s"] > 0
+    assert row["infer"]["vs_eager"] == row["infer"]["images_per_s"] / row["infer_unfused"]["images_per_s"]
+    assert f"fishnet_tiny: {row['infer']['vs_eager']:.2f}x its eager inference" in capsys.readouterr().out
+
+
 def test_ops_bench_times_torchs_op_and_ours_for_each_layout_and_pass(capsys):
     rows = ops.main(["--batch-size", "1", "--repeats", "1", "--threads", "1"])
     printed = capsys.readouterr().out
