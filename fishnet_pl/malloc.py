@@ -3,11 +3,13 @@
 glibc's malloc serves a large block (above its mmap threshold: 128 KiB at start, raised up to 32 MiB as
 large blocks are freed) by a fresh ``mmap`` and unmaps it again on free, and it returns heap space above its
 trim threshold to the OS. A CPU training or inference step allocates and frees hundreds of activation-sized
-blocks, so every step touches them anew and the kernel zero-fills them one 4 KiB page fault at a time: at
-batch 8 and 224x224, 76,000 minor faults per FishNet-150 training step and 46,000 per fused inference
-(19,000 and none for ResNet-50), 8-10% of the step on this project's CPU (``python -m bench.backbones
---malloc default`` measures without this). Raising both thresholds keeps freed blocks in the heap for the
-next step, as PyTorch's caching allocator does on the GPU. The price: the process keeps its peak heap (its
+blocks, so every step touches them anew and the kernel zero-fills them one 4 KiB page fault at a time. In a
+process that only predicts, eager FishNet-150 inference at batch 8 and 224x224 took 78,000-92,000 minor faults
+per step with glibc's thresholds and none with these, and ran at 8.0-8.3 against 8.6-9.7 img/s on this
+project's CPU (``python -m bench.backbones --models fishnet150 --baseline fishnet150 --modes eager,fused
+--malloc default``, against ``--malloc keep``); in training the difference stayed within run-to-run noise.
+Raising both thresholds keeps freed blocks in the heap for the next step, as PyTorch's caching allocator
+does on the GPU. The price: the process keeps its peak heap (its
 RSS does not shrink between steps). ``FISHNET_PL_MALLOC=default`` leaves glibc as it is.
 """
 
