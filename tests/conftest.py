@@ -104,6 +104,16 @@ def classification_quickstart_dir(tmp_path_factory) -> Path:
 DONE = ".fitted"
 
 
+def run_checkpoint(run_root: str | os.PathLike, name: str = "last.ckpt") -> Path:
+    """The newest ``name`` a recipe's runs wrote under ``run_root`` (its ``trainer.default_root_dir``), whatever
+    the run-folder layout: ``<root>/checkpoints/``, ``<root>/<version>/checkpoints/`` or a link in ``<root>``."""
+    root = Path(run_root)
+    found = [p for p in (root / name, *root.glob(f"checkpoints/{name}"), *root.glob(f"*/checkpoints/{name}"),
+                         *root.glob(f"*/*/checkpoints/{name}")) if p.is_file()]
+    assert found, f"no {name} under {root}"
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
 def _session_dir(tmp_path_factory) -> Path:
     """The temporary folder of the whole session: xdist workers each have one below it."""
     base = tmp_path_factory.getbasetemp()
