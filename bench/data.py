@@ -40,6 +40,13 @@ DATAMODULES: dict[str, tuple[str, str, Callable]] = {
 }
 
 
+# name: the function writing its quickstart data (the datamodules write it only into their own folder under the
+# working directory; the bench writes it into its temporary one).
+QUICKSTART_WRITERS = {"imagenet": "datamodules.quickstart.write_classification",
+                      "coco": "datamodules.quickstart_detection.write_detection",
+                      "cityscapes": "datamodules.quickstart_segmentation.write_cityscapes"}
+
+
 def load_datamodule_class(name: str) -> type:
     """The datamodule class; ImportError/AttributeError if its module is not (yet) there."""
     module, cls, _ = DATAMODULES[name]
@@ -48,8 +55,11 @@ def load_datamodule_class(name: str) -> type:
 
 def train_dataset(name: str, root: Path, quickstart: bool):
     """The datamodule's training dataset, as its loaders would see it (quickstart data written first)."""
+    if quickstart:
+        module, function = QUICKSTART_WRITERS[name].rsplit(".", 1)
+        getattr(importlib.import_module(module), function)(root)
     cls = load_datamodule_class(name)
-    kwargs = {"root": str(root), "num_workers": 0, "quickstart": quickstart}
+    kwargs = {"root": str(root), "num_workers": 0}
     accepted = inspect.signature(cls).parameters
     datamodule = cls(**{k: v for k, v in kwargs.items() if k in accepted})
     datamodule.prepare_data()

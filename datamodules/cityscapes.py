@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.common import DatasetError, read_label_png, require_dir
+from datamodules.common import DatasetError, is_quickstart_root, read_label_png, require_dir, use_quickstart_data
 
 # Shared with every segmentation datamodule: Cityscapes differs only in how it finds pairs and maps label ids.
 from datamodules.segmentation_folder import (
@@ -25,6 +25,7 @@ from datamodules.segmentation_folder import (
     check_no_missing_labels,
 )
 
+QUICKSTART_ROOT = "data/quickstart/cityscapes"  # the demo data's folder, as configs/quickstart/segmentation.yaml has it
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
@@ -107,11 +108,11 @@ class CityscapesDataModule(SegmentationDataModule):
 
     Batches are ``{"image": float32 [B, 3, H, W] in [0, 1], "mask": int64 [B, H, W]
     (train ids 0..18, 255 = ignore), "path": [str], "index": int64 [B] (dataset indices, so that under DDP
-    evaluation counts each image once)}``; predict batches have no ``mask``. Training
-    images are randomly scaled, padded (image 0, i.e. black; mask 255) to the crop if smaller, cropped to
-    ``crop_size``, flipped and colour-jittered. Evaluation images keep their full size (or are resized
-    by ``eval_scale``), neither cropped nor padded, so all images of one evaluation batch must have
-    the same size (all Cityscapes images are 1024x2048).
+    evaluation counts each image once), "size": int64 [B, 2] (each image's height and width)}``; predict
+    batches have no ``mask``. Training images are randomly scaled, padded (image 0, i.e. black; mask 255) to
+    the crop if smaller, cropped to ``crop_size``, flipped and colour-jittered. Evaluation images keep their
+    full size (or are resized by ``eval_scale``), uncropped (all Cityscapes images are 1024x2048; a batch of
+    images of other sizes is padded to its largest, ``collate_padded``).
 
     Args:
         root: dataset folder holding ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and
@@ -128,8 +129,9 @@ class CityscapesDataModule(SegmentationDataModule):
         val_batch_size: images per device and step in validation, test and predict.
         test_split: split evaluated by ``test``; the official test labels are withheld (its
             label files are placeholders), hence ``val`` by default.
-        quickstart: write the built-in quickstart dataset (official layout) into ``root`` first, if
-            ``root`` does not hold it.
+        quickstart: train on the built-in demo street scenes (official layout), written on first use
+            into ``root`` when ``root`` is the quickstart folder ``data/quickstart/cityscapes``; another
+            ``root`` is read as it is, and must hold a dataset.
         predict_root: folder of images to predict (searched recursively, ``find_images``); default:
             the images of the ``test`` split.
         pin_memory: pin batches in page-locked memory for faster GPU copies.
@@ -166,11 +168,12 @@ class CityscapesDataModule(SegmentationDataModule):
         return list(PALETTE)
 
     def prepare_data(self) -> None:
-        if self.quickstart:
+        if self.quickstart and is_quickstart_root(self.root, QUICKSTART_ROOT, (self.root / "leftImg8bit").is_dir(),
+                                                  f"leftImg8bit/ and gtFine/ with <split>/<city>/*{IMAGE_SUFFIX}"):
             # Imported here: the writer uses this module's label table.
             from datamodules.quickstart_segmentation import write_cityscapes
 
-            write_cityscapes(self.root)
+            use_quickstart_data(self.root, write_cityscapes)
 
     def samples(self, split: str, with_labels: bool = True) -> list[tuple[Path, Path | None]]:
         # test evaluates test_split (the official test labels are withheld); predict reads the test images

@@ -31,13 +31,16 @@ from datamodules.common import (
     DatasetError,
     ResumableRandomSampler,
     find_images,
+    is_quickstart_root,
     make_loader,
     read_rgb,
     require_dir,
+    use_quickstart_data,
 )
 from datamodules.quickstart_detection import DETECTION_CATEGORIES, write_detection
 
 log = logging.getLogger(__name__)
+QUICKSTART_ROOT = "data/quickstart/coco"  # the demo data's folder, as configs/quickstart/detection.yaml has it
 
 
 @dataclass
@@ -372,7 +375,9 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
             resizes to its min/max size).
         flip_prob: probability of a horizontal flip in training.
         group_aspect_ratio: batch wide and tall training images separately.
-        quickstart: if ``root`` is missing or empty, write the built-in quickstart dataset there first.
+        quickstart: train on the built-in demo shapes (COCO layout), written on first use into ``root``
+            when ``root`` is the quickstart folder ``data/quickstart/coco``; another ``root`` is read as it
+            is, and must hold a dataset.
         predict_root: folder of images to predict (searched recursively); default: the val split.
         pin_memory: pin batches in page-locked memory for faster GPU copies.
     """
@@ -384,7 +389,7 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
                  pin_memory: bool = True):
         super().__init__()
         check_augmentation(batch_size, num_workers, scale_range, flip_prob)
-        self.root, self.batch_size, self.num_workers = Path(root), batch_size, num_workers
+        self.root, self.batch_size, self.num_workers = Path(root).absolute(), batch_size, num_workers
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self.with_masks, self.scale_range, self.flip_prob = with_masks, tuple(scale_range), flip_prob
         self.group_aspect_ratio, self.quickstart, self.pin_memory = group_aspect_ratio, quickstart, pin_memory
@@ -401,23 +406,27 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
         """The val split's annotation file, for a COCO evaluator."""
         return str(self.annotation_file(self.val_split))
 
+    def _uses_quickstart_data(self) -> bool:
+        annotations = self.annotation_file(self.val_split)
+        return self.quickstart and is_quickstart_root(self.root, QUICKSTART_ROOT, annotations.is_file(),
+                                                      f"{annotations.relative_to(self.root)} and <split>/ images")
+
     @cached_property
     def categories(self) -> list[dict]:
         """The val split's categories sorted by id (only its json is read: cheap, no image is touched)."""
-        if self.quickstart and not Path(self.val_annotation_file).is_file():
+        if self._uses_quickstart_data() and not Path(self.val_annotation_file).is_file():
             return list(DETECTION_CATEGORIES)  # prepare_data has not written them yet
         return read_categories(Path(self.val_annotation_file))
-
 
     @property
     def predict_config(self) -> dict:
         """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
         return {"transform": "datamodules.coco.eval_transform", "collate": "datamodules.coco.collate_detection",
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "preprocessing": {}}  # the image as it is: the detector resizes
 
     def prepare_data(self) -> None:
-        if self.quickstart and not (self.root.is_dir() and any(self.root.iterdir())):
-            write_detection(self.root)
+        if self._uses_quickstart_data():
+            use_quickstart_data(self.root, write_detection)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

@@ -1,9 +1,9 @@
-"""What every datamodule shares: reading images with errors that name the file, and
-per-worker seeding of the albumentations random streams.
+"""What every datamodule shares: reading images with errors that name the file, per-worker seeding
+of the albumentations random streams, and loading workers that outlive a scheduler's SIGTERM.
 
 albumentations >= 2 keeps its own random generator inside each ``A.Compose`` and ignores the
 global seeds, so forked DataLoader workers would all inherit the same generator state and
-repeat each other's augmentations. ``seed_worker`` (the loaders' ``worker_init_fn``) reseeds
+repeat each other's augmentations. ``init_worker`` (the loaders' ``worker_init_fn``) reseeds
 the dataset's pipeline from torch's per-worker seed, which torch derives from the run seed
 (``seed_everything``) and the worker id.
 
@@ -21,7 +21,9 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -85,12 +88,37 @@ def find_images(folder: str | Path) -> list[Path]:
     return paths
 
 
-def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: give this worker's augmentation pipeline its own random stream."""
+def init_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: the worker outlives a SIGTERM not sent by its main process, and its
+    augmentation pipeline gets its own random stream."""
+    _exit_only_on_parents_sigterm()
     info = torch.utils.data.get_worker_info()
     reseed = getattr(info.dataset, "reseed", None)
     if reseed is not None:
         reseed(info.seed % 2**32)
+
+
+def _exit_only_on_parents_sigterm() -> None:
+    """In a loader worker: exit quietly on its main process's SIGTERM, ignore anyone else's.
+
+    A scheduler's SIGTERM reaches every process of the job (SLURM's cgroup, ``timeout``, ``docker stop``,
+    Kubernetes), data-loading workers included. The main process then finishes its batch and saves ``last.ckpt``
+    (``fishnet_pl.callbacks.LastCheckpoint``), which needs its workers; a worker dying of the signal stops it with
+    "DataLoader worker is killed by signal: Terminated". Its main process's SIGTERM (``Process.terminate`` when
+    loaders or the interpreter shut down) must still end it: torch's own worker handler tells the two apart by
+    the sender, and so does this thread (the signal is blocked in every other thread, so it alone receives it).
+    """
+    if not hasattr(signal, "sigwaitinfo"):  # macOS and Windows: workers keep the default (die with the job)
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)  # as torch's handler does: the main process is stopping its workers
+
+    threading.Thread(target=wait, name="sigterm", daemon=True).start()
 
 
 def seed_pipeline(transform, seed: int) -> None:
@@ -117,7 +145,7 @@ def load_pipeline_state(transform, state: dict) -> None:
 class AugmentedDataset(Dataset):
     """A map-style dataset whose albumentations ``transform`` draws from its own random stream.
 
-    ``reseed`` starts the stream (``seed_worker`` calls it in each loader worker); ``state_dict`` /
+    ``reseed`` starts the stream (``init_worker`` calls it in each loader worker); ``state_dict`` /
     ``load_state_dict`` make the dataset ``Stateful`` for torchdata's ``StatefulDataLoader``, which
     snapshots it in every worker with each batch and restores it in the new workers of a resumed run.
     """
@@ -175,7 +203,7 @@ def make_loader(dataset: Dataset, *, batch_size: int = 1, shuffle: bool = False,
     ``--ckpt_path``: the position in the epoch, the epoch's shuffling seed (``ResumableRandomSampler``;
     a ``batch_sampler`` should be ``Stateful`` too), the workers' base seed and each worker's
     augmentation stream (an ``AugmentedDataset``'s ``state_dict``, snapshot with every batch).
-    ``seed_worker`` seeds each worker's stream from the run seed; workers are not persistent, so each
+    ``init_worker`` seeds each worker's stream from the run seed; workers are not persistent, so each
     epoch's workers draw fresh seeds from the (checkpointed) global random state. ``pin_memory`` only
     applies on a GPU machine.
     """
@@ -185,7 +213,7 @@ def make_loader(dataset: Dataset, *, batch_size: int = 1, shuffle: bool = False,
         sampler = ResumableRandomSampler(dataset) if shuffle else None
         batching = {"batch_size": batch_size, "sampler": sampler, "drop_last": drop_last}
     return StatefulDataLoader(dataset, num_workers=num_workers, collate_fn=collate_fn,
-                              pin_memory=pin_memory and torch.cuda.is_available(), worker_init_fn=seed_worker,
+                              pin_memory=pin_memory and torch.cuda.is_available(), worker_init_fn=init_worker,
                               persistent_workers=False, **batching)
 
 
@@ -199,6 +227,27 @@ def collate_same_size(items: list[dict], option: str = "val_batch_size") -> dict
                            f"keeps its size, so images of different sizes cannot share a batch of {len(items)}; "
                            f"set {option} 1 (--data.init_args.{option} 1)")
     return default_collate(items)
+
+
+def collate_padded(items: list[dict], mask_fill: int = 255) -> dict:
+    """``default_collate`` for images that keep their own size (segmentation's evaluation and prediction).
+
+    Images of different sizes are padded at the bottom and right to the batch's largest (image 0, ``mask``
+    ``mask_fill``: the ignore index, which loss and metrics skip), and ``size`` int64 [B, 2] holds each image's
+    own (height, width), so a prediction is cropped back to it.
+    """
+    height = max(item["image"].shape[-2] for item in items)
+    width = max(item["image"].shape[-1] for item in items)
+    padded = []
+    for item in items:
+        h, w = item["image"].shape[-2:]
+        item = {**item, "size": torch.tensor([h, w])}
+        if (h, w) != (height, width):
+            item["image"] = torch.nn.functional.pad(item["image"], (0, width - w, 0, height - h))
+            if "mask" in item:
+                item["mask"] = torch.nn.functional.pad(item["mask"], (0, width - w, 0, height - h), value=mask_fill)
+        padded.append(item)
+    return default_collate(padded)
 
 
 def write_once(root: str | os.PathLike, complete: Callable[[Path], bool], write: Callable[[Path], None],
@@ -224,6 +273,32 @@ def write_once(root: str | os.PathLike, complete: Callable[[Path], bool], write:
     return root
 
 
+def is_quickstart_root(root: str | os.PathLike, quickstart_root: str, holds_dataset: bool, expected: str) -> bool:
+    """Whether a datamodule with ``quickstart: true`` uses the built-in demo data in ``root``.
+
+    Demo data is written only into the datamodule's own quickstart folder ``quickstart_root`` (relative to
+    the working directory, as the configs/quickstart recipes name it), never into a folder the user named:
+    a ``root`` of the user's that ``holds_dataset`` is read as it is (returns False); one that holds none (a
+    typo, data not copied yet) raises ``DatasetError`` saying so, with ``expected`` (what a dataset there holds).
+    """
+    if Path(root).resolve() == Path(quickstart_root).resolve():
+        return True
+    if holds_dataset:
+        return False
+    raise DatasetError(f"{Path(root).absolute()}: holds no dataset (expected {expected}); quickstart: true writes "
+                       f"its demo data only into its own folder {quickstart_root}. To read your own data from this "
+                       "folder, set quickstart: false (--data.init_args.quickstart false); for the demo, leave root "
+                       f"at {quickstart_root}")
+
+
+def use_quickstart_data(root: Path, write: Callable[[Path], Path]) -> None:
+    """Write the demo data into the quickstart folder ``root`` unless it is there (``write``), and say so in one
+    line (on rank 0, through Lightning's logger, which the CLI shows at INFO)."""
+    write(root)
+    rank_zero_info(f"quickstart: using the built-in demo data in {Path(root).absolute()} (for your own data: "
+                   "--data.init_args.root YOUR_DATA --data.init_args.quickstart false)")
+
+
 def require_dir(path: str | os.PathLike, what: str) -> Path:
     """Return ``path`` as a Path, or raise ``DatasetError`` saying which directory is missing."""
     path = Path(path)
@@ -237,7 +312,7 @@ class AugmentedDataModule(L.LightningDataModule):
 
     Checkpoints carry the main-process augmentation stream (what ``num_workers=0`` draws from), so a
     run resumed at an epoch boundary continues it; worker processes reseed from the run seed each epoch
-    (``seed_worker``). Inside an epoch, the train loader's own state (``make_loader``) takes over.
+    (``init_worker``). Inside an epoch, the train loader's own state (``make_loader``) takes over.
     """
 
     datasets: dict

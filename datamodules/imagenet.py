@@ -1,12 +1,14 @@
 """ImageNet classification data, in torchvision's folder layout or with the official flat validation set.
 
 Images come out as float32 ``[3, H, W]`` in [0, 1], not normalised: the model normalises with its
-backbone's timm ``pretrained_cfg`` mean/std.
+backbone's timm ``pretrained_cfg`` mean/std. Labels are the class folders (wnids) in sorted order; their
+human names ("tench") come from ImageNet's ``LOC_synset_mapping.txt`` when it is beside the data.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import albumentations as A
@@ -20,14 +22,20 @@ from datamodules.common import (
     AugmentedDataset,
     DatasetError,
     find_images,
+    is_quickstart_root,
     make_loader,
     read_rgb,
     require_dir,
+    use_quickstart_data,
 )
-from datamodules.quickstart import CLASSIFICATION_CLASSES, write_classification
+from datamodules.quickstart import CLASSIFICATION_CLASSES, CLASSIFICATION_NAMES, write_classification
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+QUICKSTART_ROOT = "data/quickstart/imagenet"  # the demo data's folder, as configs/quickstart/classification.yaml has it
+# ImageNet's class names, one ``<wnid> <name>[, <synonym>...]`` line per class (in the Kaggle download, three
+# folders above the CLS-LOC folder that holds train/ and val/).
+SYNSET_MAPPING = "LOC_synset_mapping.txt"
 # AlexNet-style PCA lighting noise on [0, 1] RGB, the authors' augmentation (eigen-decomposition of ImageNet).
 PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
 PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
@@ -65,6 +73,13 @@ def train_transform(image_size: int) -> A.Compose:
 def eval_transform(image_size: int, resize: int) -> A.Compose:
     return A.Compose([A.SmallestMaxSize(resize), A.CenterCrop(image_size, image_size),
                       A.ToFloat(max_value=255), ToTensorV2()])
+
+
+def eval_preprocessing(image_size: int, resize: int) -> dict:
+    """``eval_transform`` in plain values, for programs without albumentations (``load_network(...).preprocessing``,
+    exports): the shorter side to ``resize`` (OpenCV's bilinear), then the centre ``input_size`` crop."""
+    return {"input_size": [image_size, image_size], "resize": resize, "crop_pct": image_size / resize,
+            "interpolation": "bilinear"}
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -120,7 +135,9 @@ class ImageNetDataModule(AugmentedDataModule):
             backbone's ``crop_pct`` (filled in likewise), else ``image_size / 0.875``.
         val_ground_truth: for the official flat validation folder: a text file with one
             ``<file name> <wnid>`` pair per line, or Kaggle's ``LOC_val_solution.csv``.
-        quickstart: if ``root`` holds no data, write the built-in quickstart dataset there first.
+        quickstart: train on the built-in demo data (4 shape classes), written on first use into ``root``
+            when ``root`` is the quickstart folder ``data/quickstart/imagenet``; another ``root`` is read as
+            it is, and must hold a dataset.
         skip_unreadable: skip (and count) unreadable images instead of stopping with an error.
         pin_memory: pin batches in page-locked memory for faster GPU copies.
         predict_root: folder of images to predict (any layout, searched recursively); default: the val split.
@@ -140,16 +157,35 @@ class ImageNetDataModule(AugmentedDataModule):
         self.predict_root = predict_root
         self.datasets: dict[str, ImageDataset] = {}
 
+    def _uses_quickstart_data(self) -> bool:
+        return self.quickstart and is_quickstart_root(self.root, QUICKSTART_ROOT, (self.root / "train").is_dir(),
+                                                      "train/<class>/ and val/<class>/ folders of images")
+
+    def _quickstart_not_written(self) -> bool:
+        """The demo data is used but not written yet (prepare_data writes it): its classes are known anyway."""
+        return self._uses_quickstart_data() and not (self.root / "train").is_dir()
+
     @property
     def classes(self) -> list[str]:
         """Sorted class folder names (wnids) of the training split; index = label."""
-        if self.quickstart and not (self.root / "train").is_dir():
+        if self._quickstart_not_written():
             return list(CLASSIFICATION_CLASSES)
         train = require_dir(require_dir(self.root, "dataset root") / "train", "training split")
         classes = sorted(p.name for p in train.iterdir() if p.is_dir())
         if not classes:
             raise DatasetError(f"{train}: no class folders")
         return classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """Human names of ``classes`` ("tench"), from ``LOC_synset_mapping.txt`` in ``root`` or the folders
+        above it (up to Kaggle's three); the wnids where there is none. Index = label."""
+        if self._quickstart_not_written():
+            return list(CLASSIFICATION_NAMES)
+        classes = self.classes
+        mapping = next((folder / SYNSET_MAPPING for folder in (self.root, *self.root.parents[:3])
+                        if (folder / SYNSET_MAPPING).is_file()), None)
+        return synset_names(mapping, classes) if mapping else classes
 
     @property
     def num_classes(self) -> int:
@@ -159,11 +195,12 @@ class ImageNetDataModule(AugmentedDataModule):
     def predict_config(self) -> dict:
         """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
         return {"transform": "datamodules.imagenet.eval_transform", "batch_size": self.batch_size,
-                "transform_kwargs": {"image_size": self.image_size, "resize": self.val_resize}}
+                "transform_kwargs": {"image_size": self.image_size, "resize": self.val_resize},
+                "preprocessing": eval_preprocessing(self.image_size, self.val_resize)}
 
     def prepare_data(self) -> None:
-        if self.quickstart:
-            write_classification(self.root)
+        if self._uses_quickstart_data():
+            use_quickstart_data(self.root, write_classification)
 
     def setup(self, stage: str) -> None:
         classes = self.classes
@@ -228,6 +265,30 @@ class ImageNetDataModule(AugmentedDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", shuffle=False)
+
+
+def synset_names(path: Path, wnids: list[str]) -> list[str]:
+    """The first name of each wnid in ``LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca`` -> "tench").
+
+    A name that two classes share (ImageNet's "crane" bird and machine) gets its wnid added, so every class
+    has its own; a wnid the file lacks keeps the wnid, with a warning naming the file.
+    """
+    names = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        wnid, _, synonyms = line.strip().partition(" ")
+        name = synonyms.split(",")[0].strip()
+        if not wnid:
+            continue
+        if not name:
+            raise DatasetError(f"{path}:{number}: expected '<wnid> <name>[, <other names>]', got {line!r}")
+        names[wnid] = name
+    missing = [wnid for wnid in wnids if wnid not in names]
+    if missing:
+        log.warning("%s names %d of the %d classes; the others keep their folder names (%s, ...)", path,
+                    len(wnids) - len(missing), len(wnids), missing[0])
+    chosen = [names.get(wnid, wnid) for wnid in wnids]
+    count = Counter(chosen)
+    return [f"{name} ({wnid})" if count[name] > 1 else name for wnid, name in zip(wnids, chosen)]
 
 
 def read_ground_truth(path: Path) -> dict[str, str]:

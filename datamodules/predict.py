@@ -6,6 +6,8 @@ stored the training datamodule's ``predict_config`` (its evaluation transform, b
 names, palette, COCO category ids). Any image file under ``DIR`` counts (nested folders, JPEG, PNG,
 grayscale, CMYK, palette, any size); one that cannot be decoded is logged by name and skipped, the
 others are still predicted, and the prediction writers list the skipped files in ``unreadable.txt``.
+The writers mirror ``DIR``'s layout under ``OUT`` (``DIR/a/img.jpg`` -> ``OUT/a/img.jpg.png``, ...), from the
+``predict_root`` attribute here (``fishnet_pl.callbacks.prediction_path``).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class PredictFolderDataModule(L.LightningDataModule):
         palette: RGB colour per class, for segmentation masks.
         label_to_category_id: detection label -> the training set's COCO category id.
         batch_size: images per step (default 1); above 1 only where every image comes out in one size
-            (classification's crop) or the model takes lists (detection).
+            (classification's crop), the collate pads them (segmentation) or the model takes lists (detection).
         num_workers: data-loading processes.
     """
 

@@ -1,7 +1,8 @@
 """Quickstart classification data: a tiny dataset in the real ImageNet folder layout.
 
-Four classes of coloured shapes on noisy backgrounds, written as real JPEG files, so the quickstart
-runs the same loader as ImageNet itself. Deterministic: the same files on every machine.
+Four classes of coloured shapes on noisy backgrounds, written as real JPEG files with ImageNet's
+``LOC_synset_mapping.txt`` naming them, so the quickstart runs the same loader, and gets its class names
+the same way, as ImageNet itself. Deterministic: the same files on every machine.
 """
 
 from __future__ import annotations
@@ -14,26 +15,43 @@ from PIL import Image, ImageDraw
 
 from datamodules.common import write_once
 
-# Fake WordNet ids, one per shape; sorted order = label order.
+# Fake WordNet ids (the class folders), one per shape; sorted order = label order.
 CLASSIFICATION_CLASSES = ("n00000001", "n00000002", "n00000003", "n00000004")
-_SHAPES = ("circle", "square", "triangle", "stripes")
+CLASSIFICATION_NAMES = ("circle", "square", "triangle", "stripes")  # the class names, as LOC_synset_mapping.txt says
 _IMAGES_PER_CLASS = {"train": 48, "val": 12}
 _SIZE = 72
 
 
 def write_classification(root: str | os.PathLike) -> Path:
-    """Write the quickstart dataset under ``root`` (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``).
+    """Write the quickstart dataset under ``root`` (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``,
+    ``LOC_synset_mapping.txt``); returns ``root``.
 
     Does nothing if ``root`` already holds it. Written to a temporary folder beside ``root`` and
     renamed, so another process never sees half a dataset.
     """
-    return write_once(root, _complete, _write, "quickstart classification data")
+    root = write_once(root, _complete, _write, "quickstart classification data")
+    if not (root / _synset_mapping()).is_file():  # a quickstart folder written before the names were
+        _write_mapping(root)
+    return root
+
+
+def _synset_mapping() -> str:
+    from datamodules.imagenet import SYNSET_MAPPING  # here, not on top: imagenet imports this module
+
+    return SYNSET_MAPPING
+
+
+def _write_mapping(root: Path) -> None:
+    tmp = root / f".{_synset_mapping()}.{os.getpid()}"
+    tmp.write_text("".join(f"{wnid} {name}\n" for wnid, name in zip(CLASSIFICATION_CLASSES, CLASSIFICATION_NAMES)))
+    tmp.replace(root / _synset_mapping())  # atomic: a reader sees the whole file or none
 
 
 def _write(tmp: Path) -> None:
+    _write_mapping(tmp)
     rng = np.random.default_rng(0)
     for split, count in _IMAGES_PER_CLASS.items():
-        for wnid, shape in zip(CLASSIFICATION_CLASSES, _SHAPES):
+        for wnid, shape in zip(CLASSIFICATION_CLASSES, CLASSIFICATION_NAMES):
             folder = tmp / split / wnid
             folder.mkdir(parents=True)
             for i in range(count):

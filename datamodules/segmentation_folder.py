@@ -40,14 +40,14 @@ from datamodules.common import (
     AugmentedDataModule,
     AugmentedDataset,
     DatasetError,
-    collate_same_size,
+    collate_padded,
     find_images,
     make_loader,
     read_rgb,
     require_dir,
 )
 
-IGNORE_INDEX = 255  # unlabelled pixels in batches (and the padding of training crops)
+IGNORE_INDEX = 255  # unlabelled pixels in batches (and the padding of training crops and evaluation batches)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 Colour = tuple[int, int, int]
 
@@ -80,6 +80,11 @@ def eval_transform(scale: float) -> A.Compose:
     # RandomScale with a one-point range is a deterministic resize by a factor (A.Resize wants a size).
     resize = [A.RandomScale(scale_limit=(scale - 1, scale - 1), p=1.0)] if scale != 1 else []
     return A.Compose([*resize, A.ToFloat(max_value=255), ToTensorV2()])
+
+
+def eval_preprocessing(scale: float) -> dict:
+    """``eval_transform`` in plain values: both sides times ``scale``, truncated (OpenCV's bilinear)."""
+    return {"scale": scale, "interpolation": "bilinear"}
 
 
 def check_augmentation(batch_size: int, val_batch_size: int, num_workers: int, crop_size: Sequence[int],
@@ -328,10 +333,10 @@ class SegmentationDataModule(AugmentedDataModule):
     def predict_config(self) -> dict:
         """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
         return {"transform": "datamodules.segmentation_folder.eval_transform",
-                "transform_kwargs": {"scale": self.eval_scale}}  # one image per batch: a user's images differ in size
+                "transform_kwargs": {"scale": self.eval_scale}, "collate": "datamodules.common.collate_padded",
+                "preprocessing": eval_preprocessing(self.eval_scale)}
 
     def setup(self, stage: str) -> None:
-        self.prepare_data()  # a quickstart written without prepare_data (e.g. a bare setup); atomic and idempotent
         evaluate, read_mask = eval_transform(self.eval_scale), self.read_mask()
         if stage == "fit":
             samples = self.samples("train")
@@ -357,7 +362,7 @@ class SegmentationDataModule(AugmentedDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"{split} data is not set up; call setup() with the matching stage first")
         return make_loader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-                           num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_same_size)
+                           num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_padded)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
@@ -376,11 +381,12 @@ class SegmentationFolderDataModule(SegmentationDataModule):
     """Semantic segmentation on your own folders (or ADE20K, PASCAL VOC, ...), with the usual augmentation.
 
     Batches are ``{"image": float32 [B, 3, H, W] in [0, 1], "mask": int64 [B, H, W] (class ids 0..K-1,
-    255 = unlabelled), "path": [str], "index": int64 [B]}``; predict batches have no ``mask``. Training
+    255 = unlabelled), "path": [str], "index": int64 [B], "size": int64 [B, 2] (each image's height and width)}``;
+    predict batches have no ``mask``. Training
     images are randomly scaled, padded (image black, mask 255) to the crop if smaller, cropped to
     ``crop_size``, flipped and colour-jittered. Evaluation images keep their own size (or are resized by
-    ``eval_scale``), so one evaluation batch holds images of one size only: ``val_batch_size`` is 1 unless
-    every image has the same size (a batch of mixed sizes stops with an error naming two of them).
+    ``eval_scale``): a batch pads them to its largest (image 0, mask 255) and carries each one's ``size``
+    (``collate_padded``), and each is predicted at its own size, whatever ``val_batch_size``.
 
     Args:
         root: dataset folder.

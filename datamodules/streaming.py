@@ -54,8 +54,8 @@ except ImportError as err:  # an optional extra: say which
     raise ImportError(f"datamodules.streaming needs LitData: pip install 'fishnet-pl[streaming]' ({err})") from err
 
 from datamodules import coco
-from datamodules.common import DatasetError, read_rgb, seed_pipeline
-from datamodules.imagenet import ImageNetDataModule, eval_transform, train_transform
+from datamodules.common import DatasetError, init_worker, read_rgb, seed_pipeline
+from datamodules.imagenet import ImageNetDataModule, eval_preprocessing, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 CLASSES_FILE = "classes.json"
@@ -101,7 +101,8 @@ def convert_imagenet(root: str, output: str, num_workers: int | None = None, chu
                                         "path": samples[i][0].relative_to(folder.root).as_posix()}, skip_unreadable)
                   for i in order]
         counts[split] = _write_shards(inputs, f"{output.rstrip('/')}/{split}", num_workers, chunk_bytes)
-    record = {"dataset": "imagenet", "classes": folder.classes, "num_classes": folder.num_classes,
+    record = {"dataset": "imagenet", "classes": folder.classes, "class_names": folder.class_names,
+              "num_classes": folder.num_classes,
               "images": counts, "source": str(folder.root)}
     _write_json(record, f"{output.rstrip('/')}/{CLASSES_FILE}")
     return record
@@ -353,7 +354,7 @@ class StreamingDataModule(L.LightningDataModule):
         return ResumableStreamingDataLoader(self.datasets[split], batch_size=self.batch_size,
                                             num_workers=self.num_workers, drop_last=train,
                                             pin_memory=self.pin_memory and torch.cuda.is_available(),
-                                            collate_fn=self.collate_fn)
+                                            collate_fn=self.collate_fn, worker_init_fn=init_worker)
 
     def train_dataloader(self) -> ResumableStreamingDataLoader:
         return self._loader("train", train=True)
@@ -399,8 +400,14 @@ class StreamingImageNetDataModule(StreamingDataModule):
 
     @property
     def classes(self) -> list[str]:
-        """The training split's class names (wnids), from ``classes.json``; index = label."""
+        """The training split's class folders (wnids), from ``classes.json``; index = label."""
         return list(self.record["classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        """Human names of ``classes`` as the folder datamodule read them (``LOC_synset_mapping.txt``) at
+        conversion; the wnids for shards converted without them."""
+        return list(self.record.get("class_names") or self.record["classes"])
 
     @property
     def num_classes(self) -> int:
@@ -410,7 +417,8 @@ class StreamingImageNetDataModule(StreamingDataModule):
     def predict_config(self) -> dict:
         """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
         return {"transform": "datamodules.imagenet.eval_transform", "batch_size": self.batch_size,
-                "transform_kwargs": {"image_size": self.image_size, "resize": self.val_resize}}
+                "transform_kwargs": {"image_size": self.image_size, "resize": self.val_resize},
+                "preprocessing": eval_preprocessing(self.image_size, self.val_resize)}
 
     def setup(self, stage: str) -> None:
         self.classes  # noqa: B018 -- a missing or unconverted dataset fails here, naming the path
@@ -487,7 +495,7 @@ class StreamingCOCODataModule(coco.CategoryLabels, StreamingDataModule):
     def predict_config(self) -> dict:
         """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
         return {"transform": "datamodules.coco.eval_transform", "collate": "datamodules.coco.collate_detection",
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "preprocessing": {}}  # the image as it is: the detector resizes
 
     def setup(self, stage: str) -> None:
         if self.with_masks and not self.record["with_masks"]:

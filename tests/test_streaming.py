@@ -44,6 +44,7 @@ def test_streamed_validation_images_are_the_folder_datamodules(converted):
     folder.setup("fit")
     streamed = streaming(shards)
     assert streamed.classes == folder.classes and streamed.num_classes == 4
+    assert streamed.class_names == folder.class_names == ["circle", "square", "triangle", "stripes"]
 
     seen = []
     for batch in streamed.val_dataloader():
@@ -187,7 +188,7 @@ def test_the_readmes_streaming_composition_resolves(capsys):
 
 def test_convert_names_an_unreadable_image_or_skips_it_and_keeps_to_its_own_folder(tmp_path):
     root = write_classification(tmp_path / "imagenet")
-    with pytest.raises(DatasetError, match="imagenet: holds train, val, not only converted shards"):
+    with pytest.raises(DatasetError, match="imagenet: holds LOC_synset_mapping.txt, train, val, not only converted"):
         convert_imagenet(str(root), str(root), num_workers=1)  # would empty the dataset's own folders
     with pytest.raises(DatasetError, match=f"{tmp_path}: holds imagenet, not only"):
         convert_imagenet(str(root), str(tmp_path), num_workers=1)

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from datamodules.cityscapes import (
     CLASS_NAMES,
     LABEL_ID_TO_TRAIN_ID,
     PALETTE,
+    QUICKSTART_ROOT,
     CityscapesDataModule,
     read_train_ids,
 )
 from datamodules.common import DatasetError
 from datamodules.quickstart_segmentation import HEIGHT, WIDTH, write_cityscapes
+
+from ..conftest import CONFIGS
 
 # Label id -> photo colour: the image's colour tells which label a pixel has, after any transform.
 # Unlabeled is black like the padding, since both become 255 in the mask.
@@ -278,7 +283,7 @@ def test_predict_over_a_folder_or_the_test_split(cityscapes, tmp_path_factory):
     dm = datamodule(cityscapes, predict_root=str(folder), val_batch_size=2)
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
-    assert set(batch) == {"image", "path", "index"} and batch["image"].shape == (2, 3, 30, 50)
+    assert set(batch) == {"image", "path", "index", "size"} and batch["image"].shape == (2, 3, 30, 50)
     assert [p.rsplit("/", 1)[1] for p in batch["path"]] == ["b.jpg", "a.png"]
     assert torch.equal(batch["image"][1], as_float(np.full((30, 50, 3), (1, 2, 3), np.uint8)))  # a.png, lossless
     dm = datamodule(cityscapes)
@@ -288,11 +293,16 @@ def test_predict_over_a_folder_or_the_test_split(cityscapes, tmp_path_factory):
     assert "mask" not in batches[0]
 
 
-def test_quickstart_is_written_once_in_the_official_layout_and_trains(tmp_path):
-    root = tmp_path / "qs"
-    dm = datamodule(root, quickstart=True, crop_size=(96, 192), scale_range=(0.75, 1.5), batch_size=4)
+def test_quickstart_is_written_once_into_its_own_folder_in_the_official_layout_and_trains(in_tmp, caplog):
+    recipe = yaml.safe_load((CONFIGS / "quickstart" / "segmentation.yaml").read_text())["data"]["init_args"]
+    assert recipe["root"] == QUICKSTART_ROOT and recipe["quickstart"] is True
+    root = in_tmp / QUICKSTART_ROOT
+    dm = datamodule(QUICKSTART_ROOT, quickstart=True, crop_size=(96, 192), scale_range=(0.75, 1.5), batch_size=4)
     assert dm.num_classes == 19  # before any file exists
-    dm.setup("fit")  # writes the data itself when prepare_data was not called
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
+    assert f"quickstart: using the built-in demo data in {root} " in caplog.text
+    dm.setup("fit")
     images = sorted((root / "leftImg8bit").rglob("*_leftImg8bit.png"))
     per_city = Counter(p.parts[-3] + "/" + p.parts[-2] for p in images)
     assert per_city == {"train/aachen": 16, "train/bochum": 16, "val/frankfurt": 8, "test/berlin": 4}
@@ -321,7 +331,28 @@ def test_quickstart_is_written_once_in_the_official_layout_and_trains(tmp_path):
     dm.prepare_data()
     write_cityscapes(root)
     assert images[0].stat().st_mtime_ns == mtime
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "mine.txt").write_text("")
+    (in_tmp / "other").mkdir()
+    (in_tmp / "other" / "mine.txt").write_text("")
     with pytest.raises(DatasetError, match="other: exists and is not empty.*--data.init_args.quickstart false"):
-        write_cityscapes(tmp_path / "other")
+        write_cityscapes(in_tmp / "other")
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["missing", "empty"])
+def test_quickstart_with_a_root_of_yours_that_holds_no_dataset_stops_and_writes_nothing(in_tmp, exists):
+    mine = in_tmp / "my_data"
+    if exists:
+        mine.mkdir()
+    with pytest.raises(DatasetError, match=rf"{mine}: holds no dataset \(expected leftImg8bit/ and gtFine/ .*"
+                                           r"set quickstart: false \(--data.init_args.quickstart false\)"):
+        datamodule(mine, quickstart=True).prepare_data()
+    assert list(in_tmp.rglob("*")) == ([mine] if exists else [])
+
+
+def test_quickstart_reads_a_root_of_yours_that_holds_a_dataset(cityscapes, caplog):
+    before = sorted(cityscapes.rglob("*"))
+    dm = datamodule(cityscapes, quickstart=True)
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
+        dm.setup("fit")
+    assert len(dm.datasets["train"]) == 4 and sorted(cityscapes.rglob("*")) == before
+    assert "demo data" not in caplog.text

@@ -10,6 +10,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
+import yaml
 from lightning.fabric.utilities.data import _replace_dunder_methods
 from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
 from lightning.pytorch.trainer.states import RunningStage
@@ -18,9 +19,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from datamodules.coco import COCODataModule, GroupedBatchSampler
+from datamodules.coco import QUICKSTART_ROOT, COCODataModule, GroupedBatchSampler
 from datamodules.common import DatasetError
 from datamodules.quickstart_detection import write_detection
+
+from ..conftest import CONFIGS
 
 # pycocotools' compiled decoder (2.0.11) trips numpy 2's copy-keyword deprecation on every mask; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -282,15 +285,46 @@ def test_quickstart_writer_layout_idempotence_and_determinism(tmp_path):
     assert not COCO(str(root / "annotations" / "instances_train2017.json")).imgToAnns[1000]  # the empty image
 
 
-def test_quickstart_datamodule_fills_an_empty_root(tmp_path):
-    (tmp_path / "coco").mkdir()  # empty, as a mounted volume would be; a missing root works as well
-    dm = COCODataModule(str(tmp_path / "coco"), quickstart=True, num_workers=0)
+@pytest.mark.parametrize("exists", [False, True], ids=["missing", "empty"])
+def test_quickstart_datamodule_fills_its_own_folder_and_says_where(in_tmp, caplog, exists):
+    recipe = yaml.safe_load((CONFIGS / "quickstart" / "detection.yaml").read_text())["data"]["init_args"]
+    assert recipe["root"] == QUICKSTART_ROOT and recipe["quickstart"] is True
+    root = in_tmp / QUICKSTART_ROOT
+    if exists:
+        root.mkdir(parents=True)  # empty, as a mounted volume would be
+    dm = COCODataModule(QUICKSTART_ROOT, quickstart=True, num_workers=0)
     assert dm.num_classes == 3 and dm.label_to_category_id == {1: 1, 2: 3, 3: 7}  # before any file exists
-    dm.prepare_data()
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
+    assert f"quickstart: using the built-in demo data in {root} " in caplog.text
     dm.setup("fit")
     assert dm.skipped_train_image_ids == [1000]
     assert len(dm.datasets["train"]) == 39 and len(dm.datasets["val"]) == 10
     assert any(item["target"]["iscrowd"].any() for item in by_id(dm.datasets["val"]).values())
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["missing", "empty"])
+def test_quickstart_with_a_root_of_yours_that_holds_no_dataset_stops_and_writes_nothing(in_tmp, exists):
+    mine = in_tmp / "my_data"
+    if exists:
+        mine.mkdir()
+    dm = COCODataModule(str(mine), quickstart=True, num_workers=0)
+    message = (rf"{mine}: holds no dataset \(expected annotations/instances_val2017.json and <split>/ images\); "
+               r".* set quickstart: false \(--data.init_args.quickstart false\)")
+    for step in (lambda: dm.num_classes, dm.prepare_data):
+        with pytest.raises(DatasetError, match=message):
+            step()
+    assert list(in_tmp.rglob("*")) == ([mine] if exists else [])
+
+
+def test_quickstart_reads_a_root_of_yours_that_holds_a_dataset(coco_root, caplog):
+    before = sorted(coco_root.rglob("*"))
+    dm = COCODataModule(str(coco_root), quickstart=True, num_workers=0)
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
+        dm.setup("validate")
+    assert dm.class_names == ["bicycle", "plane", "kite"] and len(dm.datasets["val"]) == 3
+    assert sorted(coco_root.rglob("*")) == before and "demo data" not in caplog.text
 
 
 @pytest.mark.parametrize("workers", [0, 2])

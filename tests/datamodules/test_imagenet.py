@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from datamodules.common import DatasetError, read_rgb
-from datamodules.imagenet import ImageNetDataModule
+from datamodules.imagenet import QUICKSTART_ROOT, SYNSET_MAPPING, ImageNetDataModule
 from datamodules.quickstart import CLASSIFICATION_CLASSES, write_classification
+
+from ..conftest import CONFIGS, run_cli
 
 WNIDS = ("n01440764", "n01443537")
 
@@ -132,14 +137,76 @@ def test_two_workers_draw_different_augmentations_and_a_seed_repeats_them(tmp_pa
     assert not all(torch.equal(a, b) for a, b in zip(first, crops(2)))
 
 
-def test_quickstart_is_written_once_and_knows_its_classes_before(tmp_path):
-    dm = datamodule(tmp_path / "qs", quickstart=True)
-    assert dm.num_classes == len(CLASSIFICATION_CLASSES)  # before any file exists
-    dm.prepare_data()
-    files = sorted((tmp_path / "qs").rglob("*.JPEG"))
+def test_quickstart_fills_its_own_folder_once_names_classes_by_shape_and_says_where(in_tmp, caplog):
+    recipe = yaml.safe_load((CONFIGS / "quickstart" / "classification.yaml").read_text())["data"]["init_args"]
+    assert recipe["root"] == QUICKSTART_ROOT and recipe["quickstart"] is True
+    dm = datamodule(QUICKSTART_ROOT, quickstart=True)
+    shapes = ["circle", "square", "triangle", "stripes"]
+    assert dm.num_classes == 4 and dm.class_names == shapes  # before any file exists (the CLI links num_classes)
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
+    root = in_tmp / QUICKSTART_ROOT
+    assert f"quickstart: using the built-in demo data in {root} " in caplog.text
+    files = sorted(root.rglob("*.JPEG"))
     assert len(files) == 4 * 60 and dm.classes == list(CLASSIFICATION_CLASSES)
+    # The names now come from the LOC_synset_mapping.txt written with the images, as ImageNet's do.
+    assert (root / SYNSET_MAPPING).read_text().splitlines()[0] == "n00000001 circle" and dm.class_names == shapes
     mtime = files[0].stat().st_mtime_ns
-    write_classification(tmp_path / "qs")
-    assert files[0].stat().st_mtime_ns == mtime
+    (root / SYNSET_MAPPING).unlink()  # a quickstart folder written before the names: they are added
+    write_classification(root)
+    assert files[0].stat().st_mtime_ns == mtime and dm.class_names == shapes
     with Image.open(files[0]) as image:
         assert image.format == "JPEG" and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["missing", "empty"])
+def test_quickstart_with_a_root_of_yours_that_holds_no_dataset_stops_and_writes_nothing(in_tmp, exists):
+    mine = in_tmp / "my_data"  # a typo, or a folder not filled yet
+    if exists:
+        mine.mkdir()
+    dm = datamodule(mine, quickstart=True)
+    message = (rf"{mine}: holds no dataset \(expected train/<class>/ and val/<class>/ folders of images\); .* "
+               rf"set quickstart: false \(--data.init_args.quickstart false\); for the demo, leave root at "
+               rf"{QUICKSTART_ROOT}")
+    for step in (lambda: dm.num_classes, dm.prepare_data):
+        with pytest.raises(DatasetError, match=message):
+            step()
+    assert list(in_tmp.rglob("*")) == ([mine] if exists else [])  # nor the quickstart folder
+
+
+def test_quickstart_recipe_on_a_root_of_yours_that_holds_no_dataset_stops_before_training(in_tmp):
+    args = ["fit", "--config", CONFIGS / "quickstart" / "classification.yaml", "--data.init_args.root", "my_data"]
+    with pytest.raises(DatasetError, match=f"{in_tmp / 'my_data'}: holds no dataset"):
+        run_cli(args)
+    assert not (in_tmp / "my_data").exists() and not (in_tmp / "data").exists()
+
+
+def test_quickstart_reads_a_root_of_yours_that_holds_a_dataset(imagenet, caplog):
+    before = sorted(imagenet.rglob("*"))
+    dm = datamodule(imagenet, quickstart=True)
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
+        dm.setup("fit")
+    assert dm.classes == list(WNIDS) and len(dm.datasets["train"]) == 6
+    assert sorted(imagenet.rglob("*")) == before and "demo data" not in caplog.text
+
+
+def test_class_names_come_from_imagenets_synset_mapping_else_the_folder_names(imagenet, tmp_path_factory):
+    assert datamodule(imagenet).class_names == list(WNIDS)  # no LOC_synset_mapping.txt
+    (imagenet / SYNSET_MAPPING).write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n"
+                                           "n01484850 great white shark, white shark, man-eater\n")
+    dm = datamodule(imagenet)
+    assert dm.class_names == ["tench", "goldfish"] and dm.classes == list(WNIDS)  # labels stay in wnid order
+
+    # Kaggle's download: train/ and val/ in ILSVRC/Data/CLS-LOC, the mapping three folders above. Two classes
+    # share the name "crane" (a bird, a machine): each keeps its own by its wnid.
+    kaggle = tmp_path_factory.mktemp("kaggle")
+    root = kaggle / "ILSVRC" / "Data" / "CLS-LOC"
+    for wnid in ("n02012849", "n03126707"):
+        for split in ("train", "val"):
+            write_image(root / split / wnid / f"{wnid}_0.JPEG")
+    (kaggle / SYNSET_MAPPING).write_text("n02012849 crane\nn03126707 crane\n")
+    assert datamodule(root).class_names == ["crane (n02012849)", "crane (n03126707)"]
+    (kaggle / SYNSET_MAPPING).write_text("n02012849\n")
+    with pytest.raises(DatasetError, match=rf"{kaggle / SYNSET_MAPPING}:1: expected '<wnid> <name>"):
+        _ = datamodule(root).class_names

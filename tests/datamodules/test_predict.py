@@ -1,7 +1,12 @@
-"""PredictFolderDataModule: any folder of images, prepared as a checkpoint recorded, unreadable files skipped."""
+"""Predicting a folder: PredictFolderDataModule (any folder of images, prepared as a checkpoint recorded,
+unreadable files skipped) and the prediction writers' files."""
 
 from __future__ import annotations
 
+import json
+import logging
+
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -10,7 +15,8 @@ from PIL import Image
 from datamodules.common import DatasetError
 from datamodules.imagenet import eval_transform
 from datamodules.predict import PredictFolderDataModule
-from fishnet_pl import ClassificationHead, FishNetModule
+from fishnet_pl import ClassificationHead, DetectionHead, FishNetModule, SegmentationHead
+from fishnet_pl.callbacks import PredictionWriter, SegmentationPredictionWriter
 
 
 def write_folder(root, sizes=((40, 60), (61, 33))):
@@ -81,3 +87,104 @@ def test_the_module_predicts_nothing_for_a_batch_of_unreadable_files_only():
     assert module.predict_step({"unreadable": ["a.jpg"]}, 0) == []
     records = module.predict_step({"image": torch.rand(2, 3, 64, 64), "path": ["x", "y"], "unreadable": []}, 0)
     assert [r["path"] for r in records] == ["x", "y"] and len(records[0]["classes"]) == 3
+
+
+# ---------------------------------------------------------------- the prediction writers' files
+SMALL_DETECTOR = {"fpn_channels": 32, "anchor_sizes": (16, 32, 64, 128, 256), "min_size": 64, "max_size": 96,
+                  "representation_size": 64, "mask_head_channels": 16, "box_score_thresh": 0.0,
+                  "predict_score_thresh": 0.0}
+HEADS = {"classification": lambda: ClassificationHead(),
+         "segmentation": lambda: SegmentationHead(decoder="FPN"),
+         "detection": lambda: DetectionHead(**SMALL_DETECTOR)}
+#: Each task's files for an image at ``<predict_root>/<relative path>``, and its JSON lines file.
+OUTPUTS = {"classification": ((), "predictions.jsonl"), "segmentation": ((".mask.png", ".overlay.png"), None),
+           "detection": ((".png",), "detections.jsonl")}
+
+
+def write_same_names(root):
+    """``a/img.jpg`` and ``b/img.jpg``, ``x.jpg`` beside ``x.png``, and an unreadable file: the relative paths."""
+    rng = np.random.default_rng(1)
+    names = ["a/img.jpg", "b/img.jpg", "x.jpg", "x.png"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), np.uint8)).save(root / name)  # FishNet: multiples of 32
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+    return names
+
+
+def predict(task, photos, root_dir, **writer):
+    """``trainer.predict`` of an untrained small model over the folder ``photos``, writing as ``fishnet-pl predict``
+    does; returns the writer."""
+    module = FishNetModule(head=HEADS[task](), backbone="fishnet_tiny", num_classes=3)
+    writer = PredictionWriter.for_head(module.head, **writer)
+    trainer = L.Trainer(default_root_dir=root_dir, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", callbacks=[writer])
+    collate = "datamodules.coco.collate_detection" if task == "detection" else None  # as COCODataModule records
+    datamodule = PredictFolderDataModule(str(photos), collate=collate, num_classes=3, num_workers=0)
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    return writer
+
+
+@pytest.mark.parametrize("task", OUTPUTS)
+def test_outputs_mirror_the_input_paths_so_same_names_never_collide(task, tmp_path, caplog):
+    names = write_same_names(tmp_path / "photos")
+    with caplog.at_level(logging.INFO):
+        predict(task, tmp_path / "photos", tmp_path / "run", output_dir=tmp_path / "out")
+    suffixes, jsonl = OUTPUTS[task]
+    out = tmp_path / "out"
+    expected = {f"{name}{suffix}" for name in names for suffix in suffixes}
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*.png")}
+    assert written == expected
+    if jsonl:
+        lines = [json.loads(line) for line in (out / jsonl).read_text().splitlines()]
+        assert [line["path"] for line in lines] == names
+        assert [line["file"] for line in lines] == [str(tmp_path / "photos" / name) for name in names]
+    assert (out / "unreadable.txt").read_text().split() == [str(tmp_path / "photos" / "broken.png")]
+    # One line at the end says where the files went and how many images were predicted and skipped.
+    summary = [m for m in caplog.messages if "images predicted" in m]
+    assert summary == [f"predict: 4 images predicted, 1 skipped as unreadable (listed in unreadable.txt, e.g. "
+                       f"{tmp_path / 'photos' / 'broken.png'}); files written to {out}"]
+
+
+def test_a_second_run_writes_into_a_new_folder_and_a_given_folder_with_files_is_refused(tmp_path):
+    names = write_same_names(tmp_path / "photos")
+    predict("classification", tmp_path / "photos", tmp_path / "run")
+    first = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "run" / "predictions").iterdir()}
+    assert sorted(p.name for p in first) == ["predictions.jsonl", "unreadable.txt"]
+    predict("classification", tmp_path / "photos", tmp_path / "run")
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "run" / "predictions").iterdir()} == first
+    second = tmp_path / "run" / "predictions_1" / "predictions.jsonl"
+    assert [json.loads(line)["path"] for line in second.read_text().splitlines()] == names
+
+    given = tmp_path / "run" / "predictions"  # explicitly, holding the first run's files
+    with pytest.raises(FileExistsError, match=f"{given}: holds files .* pass --overwrite true, or give another"):
+        predict("classification", tmp_path / "photos", tmp_path / "run", output_dir=given)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in given.iterdir()} == first
+    predict("classification", tmp_path / "photos", tmp_path / "run", output_dir=given, overwrite=True)
+    assert (given / "predictions.jsonl").stat().st_mtime_ns > first[given / "predictions.jsonl"][1]
+
+
+def test_the_overlay_carries_a_legend_of_the_classes_present(tmp_path):
+    """Below the blended image: a swatch in each present class's colour, with its name in white."""
+    palette = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    labels = np.zeros((60, 90), np.uint8)
+    labels[:, 30:] = 2  # classes 0 and 2 present, 1 and 3 not
+    image = np.full((60, 90, 3), 128, np.uint8)
+    head = SegmentationHead()
+    head.num_classes, head.class_names = 4, ["road", "car", "sky", "person"]
+    datamodule = type("DM", (), {"palette": palette})()
+    SegmentationPredictionWriter().write([{"path": "street.jpg", "labels": labels, "image": image}], tmp_path,
+                                         datamodule, head, first=True)
+    overlay = np.asarray(Image.open(tmp_path / "street.jpg.overlay.png"))
+    assert overlay.shape[1] == 90 and overlay.shape[0] > 60
+    np.testing.assert_array_equal(overlay[:60], (0.5 * image + 0.5 * np.asarray(palette, np.uint8)[labels]).round())
+    legend = overlay[60:]
+
+    def pixels(colour):
+        return int(np.all(legend == colour, axis=-1).sum())
+
+    swatch = 100  # at least a 10 x 10 square: the smallest font is 10 pixels high
+    assert pixels(palette[0]) >= swatch and pixels(palette[2]) >= swatch
+    assert pixels(palette[1]) == pixels(palette[3]) == 0
+    text = np.all(legend > 200, axis=-1) & (legend.max(-1) == legend.min(-1))  # white, grey where antialiased
+    assert text.sum() > 20
