@@ -1,10 +1,19 @@
-"""``fishnet-pl export --ckpt_path CKPT --format onnx|pt2 --output FILE``: a trained model as ONNX or ``torch.export``.
+"""``fishnet-pl export --ckpt_path CKPT --format onnx|pt2 --output FILE|FOLDER``: a trained model as ONNX or
+``torch.export``.
+
+``--output`` naming a folder (an existing one, or any path ending with a separator) writes
+``<folder>/<task>_<backbone>_<checkpoint file stem>.<format>`` there, e.g.
+``exports/classification_fishnet_tiny_last.onnx``. An existing file is replaced only with ``--overwrite``; without
+it the command stops before exporting.
 
 The exported graph takes float images in [0, 1] (RGB, the checkpoint's ``in_channels``) and includes the
 normalisation with the backbone's mean and std, so users feed raw [0, 1] images:
 
 - classification: ``images`` [B, C, H, W] -> ``logits`` [B, num_classes]; the batch is dynamic, H and W
-  are fixed to the export size (the backbone's ``pretrained_cfg`` input size unless ``--input_size``).
+  are fixed to the export size: the evaluation crop of the training data, which the checkpoint records and
+  ``fishnet-pl predict`` uses (``load_network(CKPT).preprocessing``: resize the shorter side to ``resize``,
+  centre-crop ``input_size``); the backbone's ``pretrained_cfg`` input size for a checkpoint without that
+  record; ``--input_size`` overrides both.
 - segmentation: ``images`` [B, C, H, W] -> ``logits`` [B, K, H, W]; batch, height and width are dynamic,
   but H and W must be multiples of the backbone's stride (``net.preprocessing["pad_multiple"]`` of
   ``load_network``, 32 for FishNet): pad other images (e.g. with the mean colour) and crop the logits.
@@ -29,7 +38,8 @@ from torch import nn
 
 from fishnet_pl.inference import build_from_checkpoint, preprocessing, read_checkpoint
 from fishnet_pl.models.fuse import fuse_for_inference
-from fishnet_pl.tasks.base import TaskHead
+from fishnet_pl.models.weights import CKPT_PREDICT_DATA_KEY
+from fishnet_pl.tasks.base import TaskHead, as_head
 
 FORMATS = ("onnx", "pt2")
 DEFAULT_OPSET = 18
@@ -78,7 +88,7 @@ def exportable(ckpt: dict[str, Any], input_size: tuple[int, int] | None = None
                ) -> tuple[nn.Module, torch.Tensor, str, list[str], list[str]]:
     """The wrapper to export (eval mode, BatchNorms folded), an example input, the task, input and output names."""
     network, head = build_from_checkpoint(ckpt)
-    info = preprocessing(network, head)
+    info = preprocessing(network, head, ckpt.get(CKPT_PREDICT_DATA_KEY))
     network = fuse_for_inference(network, channels_last=False)  # layouts are the runtime's business
     in_channels = ckpt["hyper_parameters"].get("in_channels", 3)
     task = task_of(head)
@@ -110,14 +120,36 @@ def _dynamic_shapes(task: str, pad_multiple: int | None) -> dict[str, dict[int, 
     return {"images": {0: batch, 2: m * rows, 3: m * cols}}
 
 
+def output_file(output: str | os.PathLike, ckpt_path: str | os.PathLike, ckpt: dict[str, Any], fmt: str,
+                overwrite: bool = False) -> Path:
+    """The file to write: ``output``, or ``<output>/<task>_<backbone>_<checkpoint stem>.<fmt>`` when ``output`` is
+    a folder (an existing one, or a path ending with a separator). Raises ``FileExistsError`` if that file exists
+    and not ``overwrite``."""
+    text = os.fspath(output)
+    path = Path(text)
+    if path.is_dir() or text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        task = task_of(as_head(ckpt["hyper_parameters"].get("head")))
+        backbone = ckpt["hyper_parameters"].get("backbone", "fishnet150")
+        path = path / f"{task}_{backbone}_{Path(ckpt_path).stem}.{fmt}"
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: file exists; pass --overwrite to replace it (overwrite=True in Python), or "
+                              "give another --output")
+    return path
+
+
 def export_checkpoint(ckpt_path: str | os.PathLike, fmt: str, output: str | os.PathLike,
-                      input_size: tuple[int, int] | None = None, opset: int | None = None) -> Path:
-    """Export the checkpoint's network with its normalisation to ``output`` (``fmt`` "onnx" or "pt2")."""
+                      input_size: tuple[int, int] | None = None, opset: int | None = None,
+                      overwrite: bool = False) -> Path:
+    """Export the checkpoint's network with its normalisation (``fmt`` "onnx" or "pt2").
+
+    ``output`` is a file, or a folder to write ``<task>_<backbone>_<checkpoint stem>.<fmt>`` in (``output_file``);
+    an existing file raises ``FileExistsError`` before anything is exported, unless ``overwrite``. Returns the
+    file written."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     ckpt = read_checkpoint(ckpt_path)
+    output = output_file(output, ckpt_path, ckpt, fmt, overwrite)
     wrapper, example, task, input_names, output_names = exportable(ckpt, input_size)
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if task == "detection":
         if fmt == "pt2":
@@ -148,15 +180,20 @@ def export_checkpoint(ckpt_path: str | os.PathLike, fmt: str, output: str | os.P
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fishnet-pl export",
+        prog="fishnet-pl export", allow_abbrev=False,  # --ckpt_pat is a typo, not --ckpt_path
         description="Export a trained fishnet-pl checkpoint as ONNX or torch.export (.pt2). The graph takes "
                     "float images in [0, 1] and normalises them itself.")
     parser.add_argument("--ckpt_path", required=True, help="a fishnet-pl Lightning checkpoint (.ckpt)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="onnx or pt2 (torch.export); "
                         "detection exports only to onnx")
-    parser.add_argument("--output", required=True, help="file to write")
+    parser.add_argument("--output", required=True,
+                        help="file to write, or a folder (existing, or ending with a path separator) to write "
+                             "<task>_<backbone>_<checkpoint file stem>.<format> in, e.g. "
+                             "classification_fishnet_tiny_last.onnx")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     parser.add_argument("--input_size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="example input size: classification's fixed size (default: the backbone's "
+                        help="example input size: classification's fixed size (default: the evaluation crop the "
+                             "checkpoint records of its training data, as predict uses it, else the backbone's "
                              "pretrained input size); for segmentation a multiple of the stride")
     parser.add_argument("--opset", type=int, default=None,
                         help=f"ONNX opset (default {DEFAULT_OPSET}, detection {DETECTION_OPSET})")
@@ -167,6 +204,6 @@ def export_main(args: list[str]) -> Path:
     """``fishnet-pl export ...`` (``args`` without the ``export`` word)."""
     ns = build_parser().parse_args(args)
     output = export_checkpoint(ns.ckpt_path, ns.format, ns.output,
-                               tuple(ns.input_size) if ns.input_size else None, ns.opset)
+                               tuple(ns.input_size) if ns.input_size else None, ns.opset, ns.overwrite)
     print(f"wrote {output}")
     return output

@@ -6,17 +6,21 @@ checkpoint trained with ``fishnet-pl fit`` serves in any PyTorch program.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+from timm.data import DEFAULT_CROP_PCT
 from torch import nn
 
 from fishnet_pl.models.fuse import fuse_for_inference
 from fishnet_pl.models.registry import check_backbone_name
-from fishnet_pl.models.weights import CKPT_CLASS_NAMES_KEY
+from fishnet_pl.models.weights import CKPT_CLASS_NAMES_KEY, CKPT_PREDICT_DATA_KEY
 from fishnet_pl.tasks.base import TaskHead, as_head
 
+log = logging.getLogger(__name__)
 NETWORK_PREFIX = "network."
 
 
@@ -52,15 +56,46 @@ def build_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, TaskHead]:
     return network, head
 
 
-def preprocessing(network: nn.Module, head: TaskHead) -> dict[str, Any]:
-    """What the network expects of its input, from the backbone's timm ``pretrained_cfg``."""
+def preprocessing(network: nn.Module, head: TaskHead, predict_data: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """What the network expects of its input: the evaluation transform of its training data, as ``fishnet-pl
+    predict`` applies it.
+
+    Args:
+        network: the task network (``build_from_checkpoint``).
+        head: the head that built it.
+        predict_data: what the checkpoint records of its training datamodule under ``CKPT_PREDICT_DATA_KEY``
+            (its ``predict_config``, whose ``preprocessing`` describes the evaluation transform in plain values:
+            ``eval_preprocessing`` beside each datamodule's ``eval_transform``); None or without it: the
+            backbone's timm ``pretrained_cfg``.
+
+    Returns:
+        ``mean``, ``std``: normalise float [0, 1] images with these.
+        ``input_size`` (C, H, W), ``resize``, ``crop_pct``, ``interpolation``: classification's evaluation image,
+        the shorter side resized to ``resize`` pixels, then the centre H x W crop (``crop_pct`` = H / ``resize``).
+        A recorded transform's "bilinear" is OpenCV's ``INTER_LINEAR``, as albumentations resizes (PIL's
+        antialiased bilinear differs slightly when shrinking). Without a record: timm's ``pretrained_cfg``, and
+        ``resize`` = round(W / ``crop_pct``), as ``fishnet-pl fit`` picks it.
+        Segmentation: ``scale`` when recorded (both sides times it, truncated to int), and ``pad_multiple``
+        (input sides must be multiples of it). Detection: ``min_size``, ``max_size`` (the detector's own resize).
+    """
     cfg = network.get_submodule(head.backbone_path).pretrained_cfg
     mean, std = cfg["mean"], cfg["std"]
     if hasattr(head, "mean"):  # the head's normalisation, which also covers other input channel counts
         mean, std = head.mean.flatten().tolist(), head.std.flatten().tolist()
-    info: dict[str, Any] = {"mean": tuple(mean), "std": tuple(std),
-                            "input_size": tuple(cfg.get("input_size", (3, 224, 224))),
-                            "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation")}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
+    crop_pct = cfg.get("crop_pct") or DEFAULT_CROP_PCT
+    info: dict[str, Any] = {"mean": tuple(mean), "std": tuple(std), "input_size": (len(mean), *size),
+                            "resize": round(size[-1] / crop_pct), "crop_pct": crop_pct,
+                            "interpolation": cfg.get("interpolation")}
+    recorded = dict((predict_data or {}).get("preprocessing") or {})  # the datamodule's own description
+    if "input_size" in recorded:
+        recorded["input_size"] = (len(mean), *recorded["input_size"])
+    info.update(recorded)
+    if "preprocessing" not in (predict_data or {}) and (predict_data or {}).get("transform"):
+        log.warning("the checkpoint records its evaluation transform %r but not its plain description (saved by "
+                    "an older fishnet-pl): preprocessing gives the backbone's pretrained_cfg, which may differ",
+                    predict_data["transform"])
     if hasattr(head, "pad_multiple"):  # segmentation: input sides must be multiples of the backbone's stride
         info["pad_multiple"] = int(head.pad_multiple)
     if hasattr(head, "max_size"):  # detection: the detector resizes each image itself
@@ -77,9 +112,12 @@ def load_network(ckpt_path: str | os.PathLike, map_location: Any = "cpu", fuse: 
     attributes say how:
 
     - ``net.preprocessing``: ``mean``, ``std`` (normalise [0, 1] images with these), ``input_size``,
-      ``crop_pct``, ``interpolation`` (the backbone's timm ``pretrained_cfg``); for segmentation
-      ``pad_multiple`` (input sides must be multiples of it: pad, then crop the logits); for detection
-      ``min_size``, ``max_size`` (the detector's own resize).
+      ``resize``, ``crop_pct``, ``interpolation`` (classification: shorter side to ``resize``, centre crop
+      to ``input_size``, as the training data's evaluation transform the checkpoint records, which
+      ``fishnet-pl predict`` applies; else the backbone's timm ``pretrained_cfg``); for segmentation ``scale``
+      (the recorded evaluation resize factor) and ``pad_multiple`` (input sides must be multiples of it: pad,
+      then crop the logits); for detection ``min_size``, ``max_size`` (the detector's own resize). See
+      ``preprocessing``.
     - ``net.class_names``: the training datamodule's class names (index = label; for detection label - 1),
       or None when the checkpoint has none.
 
@@ -92,7 +130,7 @@ def load_network(ckpt_path: str | os.PathLike, map_location: Any = "cpu", fuse: 
     network, head = build_from_checkpoint(ckpt)
     if fuse:
         network = fuse_for_inference(network)
-    network.preprocessing = preprocessing(network, head)
+    network.preprocessing = preprocessing(network, head, ckpt.get(CKPT_PREDICT_DATA_KEY))
     names = ckpt.get(CKPT_CLASS_NAMES_KEY)
     network.class_names = list(names) if names is not None else None
     return network

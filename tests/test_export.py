@@ -1,24 +1,35 @@
 """Trained models outside Lightning: ``load_network``, smp's save_pretrained/from_pretrained, and
-``fishnet-pl export`` to ONNX and torch.export for every task, on tiny checkpoints made without fitting."""
+``fishnet-pl export`` to ONNX and torch.export for every task, on tiny checkpoints made without fitting; the
+exported classifier against ``fishnet-pl predict`` on the fitted quickstart."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
+import timm
 import torch
+from PIL import Image
 
+from datamodules.imagenet import ImageNetDataModule
+from datamodules.predict import import_object
+from datamodules.segmentation_folder import SegmentationFolderDataModule
 from fishnet_pl.cli import main
 from fishnet_pl.export import export_checkpoint
 from fishnet_pl.inference import load_network
-from fishnet_pl.module import FishNetModule, _class_names
+from fishnet_pl.module import FishNetModule, _class_names, _predict_data
 from fishnet_pl.tasks import ClassificationHead, DetectionHead, SegmentationHead
+
+from .conftest import run_checkpoint, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -32,6 +43,7 @@ def make_checkpoint(path: Path, head, num_classes: int, datamodule=None) -> Fish
     if datamodule is not None:  # what the module's setup does with a trainer's datamodule
         module._trainer = SimpleNamespace(datamodule=datamodule)
         module.head.set_class_names(_class_names(module))
+        module._predict_data = _predict_data(module)
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
             "pytorch-lightning_version": "2.6.6", "epoch": 0, "global_step": 0}
     module.on_save_checkpoint(ckpt)
@@ -65,6 +77,23 @@ def normalized(net, x):
     return (x - mean) / std
 
 
+#: ``preprocessing``'s interpolation names as OpenCV flags (its recorded "bilinear" is OpenCV's).
+CV2_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+
+
+def prepare_for_classifier(image: np.ndarray, pre: dict) -> torch.Tensor:
+    """An RGB uint8 [H, W, 3] image as ``preprocessing`` says, with OpenCV alone: the shorter side resized to
+    ``resize`` (sides times the same factor, truncated), the centre crop of ``input_size``; float [3, h, w] in
+    [0, 1], not normalised."""
+    h, w = image.shape[:2]
+    factor = pre["resize"] / min(h, w)
+    image = cv2.resize(image, (int(w * factor), int(h * factor)), interpolation=CV2_INTERPOLATION[pre["interpolation"]])
+    ch, cw = pre["input_size"][1:]
+    top, left = (image.shape[0] - ch) // 2, (image.shape[1] - cw) // 2
+    crop = image[top:top + ch, left:left + cw]
+    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255
+
+
 def ort_run(path: Path, x: torch.Tensor) -> list[np.ndarray]:
     import onnxruntime as ort
 
@@ -80,7 +109,7 @@ def test_load_network_matches_module(ckpts):
         net = load_network(path)
         assert not net.training
         pre = net.preprocessing
-        assert set(pre) >= {"mean", "std", "input_size", "crop_pct", "interpolation"}
+        assert set(pre) >= {"mean", "std", "input_size", "resize", "crop_pct", "interpolation"}
         if task == "detection":
             assert net.class_names is None
             ref, out = module(x), net(list(x))
@@ -192,3 +221,117 @@ def test_export_detection_pt2_is_a_clear_error(ckpts, tmp_path):
     with pytest.raises(NotImplementedError, match="--format onnx"):
         main(["export", "--ckpt_path", str(ckpts["detection"][0]), "--format", "pt2",
               "--output", str(tmp_path / "det.pt2")])
+
+
+# ---------------------------------------------------------------------- the recorded evaluation transform
+def test_preprocessing_describes_the_evaluation_transform_the_checkpoint_records(ckpts, tmp_path):
+    """``load_network(...).preprocessing`` reproduces, pixel for pixel, the evaluation transform the training
+    datamodule recorded (the one ``fishnet-pl predict`` applies); without a record, the backbone's pretrained_cfg."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (97, 131, 3), np.uint8)  # odd, non-square: rounding and centring show
+    recorded = {}
+    classification = ImageNetDataModule(str(tmp_path / "unused"), image_size=64, val_resize=80)
+    segmentation = SegmentationFolderDataModule(str(tmp_path / "unused"), classes=CLASS_NAMES, eval_scale=0.6)
+    for task, head, datamodule in (("classification", ClassificationHead(), classification),
+                                   ("segmentation", SegmentationHead("FPN", {"decoder_pyramid_channels": 32,
+                                                                             "decoder_segmentation_channels": 32}),
+                                    segmentation)):
+        path = tmp_path / f"{task}.ckpt"
+        make_checkpoint(path, head, 3, SimpleNamespace(classes=CLASS_NAMES, predict_config=datamodule.predict_config))
+        config = datamodule.predict_config
+        recorded[task] = import_object(config["transform"])(**config["transform_kwargs"])(image=image)["image"]
+        pre = load_network(path).preprocessing
+        if task == "classification":
+            assert pre["input_size"] == (3, 64, 64) and pre["resize"] == 80 and pre["crop_pct"] == 64 / 80
+            assert torch.equal(prepare_for_classifier(image, pre), recorded[task])
+        else:
+            assert pre["scale"] == 0.6 and pre["interpolation"] == "bilinear"
+            h, w = int(97 * pre["scale"]), int(131 * pre["scale"])
+            mine = cv2.resize(image, (w, h), interpolation=CV2_INTERPOLATION[pre["interpolation"]])
+            assert torch.equal(torch.from_numpy(mine).permute(2, 0, 1).float() / 255, recorded[task])
+
+    # The module-scoped checkpoints' datamodule recorded no transform: timm's pretrained_cfg, as fit would pick it.
+    cfg = timm.get_pretrained_cfg("fishnet_tiny")
+    pre = load_network(ckpts["classification"][0]).preprocessing
+    assert pre["input_size"] == tuple(cfg.input_size) and pre["resize"] == round(cfg.input_size[-1] / cfg.crop_pct)
+    assert pre["interpolation"] == cfg.interpolation
+
+
+@torch.no_grad()
+def test_exported_quickstart_classifier_agrees_with_predict(classification_quickstart_dir, tmp_path, capsys):
+    """The fitted quickstart (64-pixel crops of 72-pixel images), exported to a folder: the ONNX input is the
+    training crop, and on images prepared as ``load_network(...).preprocessing`` says, ONNX Runtime's top-1
+    class and probability are ``fishnet-pl predict``'s, for the dataset's images and resized, non-square copies."""
+    ckpt = run_checkpoint(classification_quickstart_dir / "runs" / "quickstart" / "classification")
+    photos, out = tmp_path / "photos", tmp_path / "predictions"
+    photos.mkdir()
+    val = classification_quickstart_dir / "data" / "quickstart" / "imagenet" / "val"
+    for i, wnid in enumerate(sorted(p.name for p in val.iterdir())):
+        for j, source in enumerate(sorted((val / wnid).iterdir())[:3]):
+            with Image.open(source) as im:
+                im.save(photos / f"{wnid}_{j}.png")
+                size = ((150, 100), (90, 131), (200, 200))[(i + j) % 3]  # (width, height)
+                im.resize(size, Image.BICUBIC).save(photos / f"{wnid}_{j}_{size[0]}x{size[1]}.png")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        run_cli(["predict", "--ckpt_path", ckpt, "--data.predict_root", photos, "--predict_dir", out,
+                 "--trainer.enable_progress_bar", "false"])
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == len(list(photos.iterdir())) == 24
+
+    capsys.readouterr()
+    main(["export", "--ckpt_path", str(ckpt), "--format", "onnx", "--output", f"{tmp_path / 'exports'}{os.sep}"])
+    onnx_file = tmp_path / "exports" / f"classification_fishnet_tiny_{ckpt.stem}.onnx"
+    assert capsys.readouterr().out.splitlines() == [f"wrote {onnx_file}"]
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [3, 64, 64]
+    pre = load_network(ckpt).preprocessing
+    assert pre["input_size"] == (3, 64, 64) and pre["resize"] == 72
+    images = torch.stack([prepare_for_classifier(np.asarray(Image.open(r["file"]).convert("RGB")), pre)
+                          for r in records])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    probabilities = torch.from_numpy(logits).softmax(1)
+    assert probabilities.argmax(1).tolist() == [r["classes"][0] for r in records]
+    np.testing.assert_allclose(probabilities.max(1).values.numpy(), [r["scores"][0] for r in records], atol=1e-4)
+
+
+# ---------------------------------------------------------------------- where export writes
+def test_export_refuses_an_existing_file_unless_overwrite(ckpts, tmp_path):
+    path = ckpts["detection"][0]
+    kept = tmp_path / "model.pt2"
+    kept.write_bytes(b"an earlier export")
+    # Refused before the export starts: detection's pt2 export would raise NotImplementedError.
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(kept))}.*--overwrite"):
+        main(["export", "--ckpt_path", str(path), "--format", "pt2", "--output", str(kept)])
+    assert kept.read_bytes() == b"an earlier export"
+
+    path = ckpts["classification"][0]
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(kept))}.*--overwrite"):
+        main(["export", "--ckpt_path", str(path), "--format", "pt2", "--output", str(kept)])
+    main(["export", "--ckpt_path", str(path), "--format", "pt2", "--output", str(kept), "--overwrite",
+          "--input_size", str(SIZE), str(SIZE)])
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(kept)).module()(x), ckpts["classification"][1](x),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_export_to_a_folder_writes_the_run_name(ckpts, tmp_path, capsys):
+    path = ckpts["segmentation"][0]
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    expected = folder / "segmentation_fishnet_tiny_segmentation.pt2"  # <task>_<backbone>_<checkpoint stem>
+    capsys.readouterr()
+    main(["export", "--ckpt_path", str(path), "--format", "pt2", "--output", str(folder)])
+    assert capsys.readouterr().out.splitlines() == [f"wrote {expected}"]
+    assert sorted(folder.iterdir()) == [expected]
+    x = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(expected)).module()(x), ckpts["segmentation"][1](x),
+                                   atol=1e-4, rtol=1e-4)
+    # The same refusal for the file in the folder.
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(expected))}.*--overwrite"):
+        main(["export", "--ckpt_path", str(path), "--format", "pt2", "--output", str(folder)])
