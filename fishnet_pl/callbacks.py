@@ -3,8 +3,10 @@ resumable random streams; and optional ones (images per second)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -18,9 +20,8 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from PIL import Image
-from torchvision.io import write_png
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import draw_segmentation_masks
 
 from fishnet_pl.metrics import write_coco_results, xywh
 from fishnet_pl.tasks import ClassificationHead, DetectionHead, SegmentationHead, TaskHead
@@ -30,36 +31,67 @@ log = logging.getLogger(__name__)
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes the files of each predict batch as it comes (one folder per process under DDP).
+    """Writes the files of each predict batch as it comes (one folder ``rank<N>`` per process under DDP).
 
-    ``output_dir`` defaults to ``<default_root_dir>/predictions``; a run's first batch replaces the files
-    of an earlier run. Subclasses write one task's records (``TaskHead.predict_step``); ``for_head``
-    picks the writer of a head. Files a batch lists as ``unreadable`` (``datamodules.predict`` skips
-    them) go to ``unreadable.txt``, one path per line, and are counted at the end.
+    Outputs mirror the inputs: the image ``<root>/a/img.jpg`` gives ``a/img.jpg.<kind>.png`` (or ``a/img.jpg.png``)
+    under the output folder, ``<root>`` being the datamodule's ``predict_root``, else its dataset ``root``
+    (``prediction_path``). The full file name stays, so same-named images in two folders, or ``x.jpg`` beside
+    ``x.png``, never share an output; the JSON lines carry that relative ``path`` and the ``file`` as read.
+
+    A run never replaces another's files: ``output_dir``, when given, must be new or empty unless ``overwrite``;
+    without it each run takes the first free (missing or empty) of ``<default_root_dir>/predictions``,
+    ``predictions_1``, ``predictions_2``, ... Subclasses write one task's records (``TaskHead.predict_step``);
+    ``for_head`` picks the writer of a head. Files a batch lists as ``unreadable`` (``datamodules.predict`` skips
+    them) go to ``unreadable.txt``, one path per line. The run ends with one line: the folder, the images
+    predicted and those skipped.
     """
 
-    def __init__(self, output_dir: str | Path | None = None):
+    def __init__(self, output_dir: str | Path | None = None, overwrite: bool = False):
         super().__init__(write_interval="batch")
-        self.output_dir = output_dir
+        self.output_dir, self.overwrite = output_dir, overwrite
+        self.folder: Path | None = None  # this run's (setup)
+        self.predicted = 0
         self.unreadable: list[str] = []
 
     @staticmethod
-    def for_head(head: TaskHead, output_dir: str | Path | None = None) -> PredictionWriter | None:
+    def for_head(head: TaskHead, output_dir: str | Path | None = None,
+                 overwrite: bool = False) -> PredictionWriter | None:
         for head_type, writer in ((ClassificationHead, ClassificationPredictionWriter),
                                   (SegmentationHead, SegmentationPredictionWriter),
                                   (DetectionHead, DetectionPredictionWriter)):
             if isinstance(head, head_type):
-                return writer(output_dir)
+                return writer(output_dir, overwrite)
         return None  # another task: trainer.predict still returns its records
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "predict":
+            return
+        # Every process takes rank 0's folder (and its error): none writes before setup ends (Lightning's barrier).
+        folder, error = trainer.strategy.broadcast(self._free_folder(trainer), src=0)
+        if error:
+            raise FileExistsError(error)
+        self.folder, self.predicted, self.unreadable = Path(folder), 0, []
+
+    def _free_folder(self, trainer) -> tuple[str, str | None]:
+        if self.output_dir is not None:
+            folder = Path(self.output_dir)
+            if not self.overwrite and folder.is_dir() and any(folder.iterdir()):
+                return str(folder), (f"{folder}: holds files of an earlier run; to write into it anyway pass "
+                                     "--overwrite true, or give another --predict_dir")
+            return str(folder), None
+        base = Path(trainer.default_root_dir) / "predictions"
+        for n in itertools.count():
+            folder = base.with_name(f"{base.name}_{n}") if n else base
+            if not folder.is_dir() or not any(folder.iterdir()):
+                return str(folder), None
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        out = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
-        if trainer.world_size > 1:
-            out = out / f"rank{trainer.global_rank}"
+        out = self.folder / f"rank{trainer.global_rank}" if trainer.world_size > 1 else self.folder
         out.mkdir(parents=True, exist_ok=True)
         self.write(prediction, out, trainer.datamodule, pl_module.head, first=batch_idx == 0)
+        self.predicted += len(prediction)
         if batch_idx == 0:
-            self.unreadable = []
             (out / "unreadable.txt").unlink(missing_ok=True)
         skipped = batch.get("unreadable") if isinstance(batch, dict) else None
         if skipped:
@@ -69,49 +101,108 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         super().on_predict_epoch_end(trainer, pl_module)
-        if self.unreadable:
-            log.warning("skipped %d unreadable images (listed in unreadable.txt), e.g. %s", len(self.unreadable),
-                        self.unreadable[0])
+        counts = torch.tensor([self.predicted, len(self.unreadable)], device=pl_module.device)
+        predicted, skipped = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        listed = f" (listed in unreadable.txt, e.g. {self.unreadable[0]})" if self.unreadable else ""
+        rank_zero_info(f"predict: {int(predicted)} images predicted, {int(skipped)} skipped as unreadable{listed}; "
+                       f"files written to {self.folder}")
 
     def write(self, records: list[dict[str, Any]], out_dir: Path, datamodule: Any, head: TaskHead,
               first: bool) -> None:
         raise NotImplementedError
 
 
+def prediction_path(path: str | os.PathLike, datamodule: Any) -> str:
+    """Where the outputs of the image ``path`` go inside the output folder (``a/img.jpg``, POSIX): ``path``
+    relative to the datamodule's ``predict_root``, else to its ``root``; a path under neither keeps its own
+    relative form (streamed samples), or loses only its anchor when absolute or climbing out with ``..``."""
+    full = Path(os.path.abspath(path))
+    for root in (getattr(datamodule, "predict_root", None), getattr(datamodule, "root", None)):
+        if root is not None and "://" not in str(root) and full.is_relative_to(os.path.abspath(root)):
+            return full.relative_to(os.path.abspath(root)).as_posix()
+    given = Path(path)
+    if given.is_absolute() or ".." in given.parts:
+        return full.relative_to(full.anchor).as_posix()
+    return given.as_posix()
+
+
+def text_font(height: int, width: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's built-in font (no font file needed) at a size that reads on an image of this size:
+    1/40 of its short side, at least 10 pixels."""
+    return ImageFont.load_default(size=max(10, min(height, width) // 40))
+
+
+def text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black on light colours, white on dark ones."""
+    return (0, 0, 0) if 0.299 * background[0] + 0.587 * background[1] + 0.114 * background[2] > 128 else (255,) * 3
+
+
 class ClassificationPredictionWriter(PredictionWriter):
-    """One JSON line per image in ``predictions.jsonl``: path, top-5 class indices, names, probabilities."""
+    """One JSON line per image in ``predictions.jsonl``: ``path`` (relative, see ``PredictionWriter``), ``file``
+    (as read), top-5 class indices, names, probabilities."""
 
     def write(self, records, out_dir, datamodule, head, first):
         names = head.class_names  # the datamodule's, passed on by the module's setup
         with open(out_dir / "predictions.jsonl", "w" if first else "a") as f:
             for r in records:
+                r = {"path": prediction_path(r["path"], datamodule), "file": r["path"],
+                     **{k: v for k, v in r.items() if k != "path"}}
                 if names is not None:
-                    r = {**r, "names": [names[c] for c in r["classes"]]}
+                    r["names"] = [names[c] for c in r["classes"]]
                 f.write(json.dumps(r) + "\n")
 
 
 class SegmentationPredictionWriter(PredictionWriter):
-    """``<name>_mask.png``: a palette PNG whose pixel values are the class ids and whose colours are the
-    datamodule's ``palette`` (Cityscapes' for Cityscapes); ``<name>_overlay.png``: that colour mask
-    blended half-and-half over the image."""
+    """Per image ``a/img.jpg`` (relative, see ``PredictionWriter``): ``a/img.jpg.mask.png``, a palette PNG of the
+    image's size whose pixel values are the class ids and whose colours are the datamodule's ``palette``
+    (Cityscapes' for Cityscapes); ``a/img.jpg.overlay.png``, that colour mask blended half-and-half over the
+    image, above a legend strip: a colour swatch and the name (``head.class_names``) of each class present."""
 
     def write(self, records, out_dir, datamodule, head, first):
         palette = np.asarray(getattr(datamodule, "palette", None) or default_palette(head.num_classes), np.uint8)
         flat = np.zeros((256, 3), np.uint8)
         flat[: len(palette)] = palette[:256]
         for r in records:
-            stem = Path(r["path"]).stem
+            name = out_dir / prediction_path(r["path"], datamodule)
+            name.parent.mkdir(parents=True, exist_ok=True)
             mask = Image.fromarray(r["labels"])  # mode L; putpalette makes it P with these colours
             mask.putpalette(flat.flatten().tolist())
-            mask.save(out_dir / f"{stem}_mask.png")
+            mask.save(f"{name}.mask.png")
             overlay = (0.5 * r["image"] + 0.5 * flat[r["labels"]]).round().astype(np.uint8)
-            Image.fromarray(overlay).save(out_dir / f"{stem}_overlay.png")
+            present = np.unique(r["labels"]).tolist()
+            names = head.class_names
+            entries = [(names[k] if names and k < len(names) else f"class {k}", tuple(flat[k].tolist()))
+                       for k in present]
+            legend = legend_strip(entries, overlay.shape[1], text_font(*overlay.shape[:2]))
+            Image.fromarray(np.concatenate([overlay, legend])).save(f"{name}.overlay.png")
+
+
+def legend_strip(entries: list[tuple[str, tuple[int, int, int]]], width: int, font) -> np.ndarray:
+    """An ``N x width x 3`` uint8 strip on dark grey: for each (name, colour), a swatch and the name, in as many
+    rows as the width needs."""
+    line = sum(font.getmetrics())  # ascent + descent: every name on one baseline
+    pad, draw = max(2, line // 3), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    places, x, y = [], pad, pad
+    for name, _ in entries:
+        size = line + pad + draw.textlength(name, font=font)
+        if x > pad and x + size > width - pad:  # wrap: the next row
+            x, y = pad, y + line + pad
+        places.append((x, y))
+        x += size + 2 * pad
+    strip = Image.new("RGB", (width, y + line + pad), (40, 40, 40))
+    draw = ImageDraw.Draw(strip)
+    for (name, colour), (x, y) in zip(entries, places):
+        draw.rectangle((x, y, x + line - 1, y + line - 1), fill=colour)
+        draw.text((x + line + pad, y), name, fill=(255, 255, 255), font=font, anchor="la")
+    return np.asarray(strip)
 
 
 class DetectionPredictionWriter(PredictionWriter):
-    """Per image ``<name>.png`` with masks, boxes, class names and scores (those of at least the head's
-    ``draw_score_thresh``) drawn, and one line of ``detections.jsonl`` with every detection: COCO
-    category id, class name, score, ``bbox`` [x, y, width, height] and RLE ``segmentation``."""
+    """Per image ``a/img.jpg`` (relative, see ``PredictionWriter``): ``a/img.jpg.png``, the image with its
+    detections (those scoring at least the head's ``predict_score_thresh``) drawn: masks, boxes, class names
+    and scores, lines and text scaled to the image; and one line of ``detections.jsonl``: ``path``, ``file``
+    (as read), ``drawn`` and the same detections with COCO category id, class name, score, ``bbox``
+    [x, y, width, height] and RLE ``segmentation``."""
 
     #: Distinct colours for drawn classes (label k gets PALETTE[k % len]).
     PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -124,27 +215,46 @@ class DetectionPredictionWriter(PredictionWriter):
             for r in records:
                 labels = r["labels"].tolist()
                 shown = [names[k - 1] if names and 0 < k <= len(names) else str(k) for k in labels]
-                keep = (r["scores"] >= head.draw_score_thresh).nonzero().flatten().tolist()
+                colours = [self.PALETTE[k % len(self.PALETTE)] for k in labels]
                 image = r["image"]
-                colours = [self.PALETTE[labels[i] % len(self.PALETTE)] for i in keep]
-                if keep and "masks" in r:
-                    masks = torch.from_numpy(mask_utils.decode([r["masks"][i] for i in keep])).permute(2, 0, 1)
+                if labels and "masks" in r:
+                    masks = torch.from_numpy(mask_utils.decode(r["masks"])).permute(2, 0, 1)
                     image = draw_segmentation_masks(image, masks.bool(), alpha=0.45, colors=colours)
-                if keep:
-                    image = draw_bounding_boxes(image, r["boxes"][keep], colors=colours, width=2,
-                                                labels=[f"{shown[i]} {r['scores'][i]:.2f}" for i in keep])
-                file = f"{Path(r['path']).stem}.png"
-                write_png(image, str(out_dir / file))
+                drawn = draw_boxes(image, r["boxes"], [f"{s} {p:.2f}" for s, p in zip(shown, r["scores"])], colours)
+                relative = prediction_path(r["path"], datamodule)
+                (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+                drawn.save(out_dir / f"{relative}.png")
                 detections = [{"label": k, "category_id": category_of.get(k, k), "name": shown[i],
                                "score": round(float(r["scores"][i]), 5),
                                "bbox": [round(v, 2) for v in xywh(r["boxes"][i:i + 1])[0].tolist()]}
                               for i, k in enumerate(labels)]
                 for detection, rle in zip(detections, r.get("masks", ())):
                     detection["segmentation"] = rle
-                line = {"path": r["path"], "drawn": file, "detections": detections}
+                line = {"path": relative, "file": r["path"], "drawn": f"{relative}.png", "detections": detections}
                 if "image_id" in r:
                     line["image_id"] = r["image_id"]
                 f.write(json.dumps(line) + "\n")
+
+
+def draw_boxes(image: torch.Tensor, boxes: torch.Tensor, labels: list[str],
+               colours: list[tuple[int, int, int]]) -> Image.Image:
+    """``image`` (uint8 [3, H, W]) with each box (xyxy pixels) outlined and its label on a box-coloured tag above
+    it (inside it at the image's top edge); line width and text scale with the image.
+
+    Not torchvision's ``draw_bounding_boxes``: its text scales only with a TrueType font file, which not every
+    machine has; Pillow's built-in font does (``text_font``)."""
+    height, width = image.shape[-2:]
+    drawn = Image.fromarray(image.permute(1, 2, 0).numpy())
+    draw, font, line = ImageDraw.Draw(drawn), text_font(height, width), max(2, min(height, width) // 300)
+    for (x0, y0, x1, y1), label, colour in zip(boxes.tolist(), labels, colours):
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
+        text_h = sum(font.getmetrics())  # ascent + descent
+        pad = max(1, text_h // 6)
+        tag_w, tag_h = round(draw.textlength(label, font=font)) + 2 * pad, text_h + 2 * pad
+        x, y = max(0, min(x0, width - tag_w)), y0 - tag_h if y0 >= tag_h else y0
+        draw.rectangle((x, y, x + tag_w - 1, y + tag_h - 1), fill=colour)
+        draw.text((x + pad, y + pad), label, fill=text_colour(colour), font=font, anchor="la")
+    return drawn
 
 
 class CocoResultsWriter(L.Callback):
@@ -312,6 +422,8 @@ class LastCheckpoint(L.Callback):
         folder = Path(best.dirpath) if best is not None and best.dirpath else Path(trainer.default_root_dir)
         trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)  # full state: resumable
         self.last_saved = (folder / "last.ckpt", trainer.global_step)
+        if trainer.is_global_zero:
+            link_latest(folder / "last.ckpt", Path(trainer.default_root_dir) / "last.ckpt")
         return folder / "last.ckpt"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -348,6 +460,22 @@ class StopOnNonFiniteLoss(L.Callback):
                                  f"Last good checkpoint: {_last_checkpoint(trainer)}. Resume from it with "
                                  "a lower learning rate, gradient clipping (--trainer.gradient_clip_val) or "
                                  "fp32 / bf16 instead of fp16, or look for a broken input in this batch.")
+
+
+def link_latest(target: Path, link: Path) -> None:
+    """Point the symbolic link ``link`` at ``target`` (relative, so the run folder can move), replacing the link
+    atomically; a file that is not a link is never replaced. Each run writes in its own version folder, so this
+    is the stable path to the newest run's checkpoint (``runs/quickstart/classification/last.ckpt``)."""
+    if link.resolve() == target.resolve() or (link.exists() and not link.is_symlink()):
+        return
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(target, link.parent))
+        os.replace(tmp, link)
+    except OSError as err:  # e.g. a filesystem without symbolic links: the checkpoint itself is saved
+        tmp.unlink(missing_ok=True)
+        log.warning("could not link %s to %s (%s)", link, target, err)
 
 
 def _last_checkpoint(trainer) -> str:

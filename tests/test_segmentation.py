@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import fishnet_pl
+from datamodules.common import collate_padded
 from fishnet_pl import FishNetModule, SegmentationHead
 from fishnet_pl.callbacks import SegmentationPredictionWriter
 from fishnet_pl.tasks.segmentation import default_palette, input_multiple
@@ -190,6 +191,27 @@ def test_flip_and_multiscale_tta_average_probabilities_at_the_input_size():
     assert torch.allclose(probs.sum(1), torch.ones(1, 64, 64))
 
 
+@pytest.mark.parametrize("evaluation", [{}, {"eval_flip": True, "eval_scales": (0.75, 1.0)},
+                                        {"eval_mode": "slide", "window": (32, 48)}])
+def test_a_batch_padded_to_its_largest_image_predicts_each_image_as_alone_and_at_its_own_size(evaluation):
+    model = segmenter(**evaluation).eval()
+    images = [torch.rand(3, 40, 56), torch.rand(3, 64, 48), torch.rand(3, 40, 56)]
+    batch = collate_padded([{"image": image, "mask": torch.zeros(image.shape[1:], dtype=torch.long), "path": f"{i}.png"}
+                            for i, image in enumerate(images)])
+    assert batch["image"].shape == (3, 3, 64, 56) and batch["size"].tolist() == [[40, 56], [64, 48], [40, 56]]
+    assert (batch["mask"][0, 40:] == 255).all() and (batch["mask"][1, :, 48:] == 255).all()  # ignored
+    with torch.no_grad():
+        probs = model.head.predict_probabilities(model.network, batch["image"], batch["size"])
+        records = model.predict_step(batch, 0)
+        for image, prob, record in zip(images, probs, records):
+            h, w = image.shape[1:]
+            alone = model.head.predict_probabilities(model.network, image[None])[0]
+            torch.testing.assert_close(prob[:, :h, :w], alone)
+            assert not prob[:, h:].any() and not prob[:, :, w:].any()
+            assert record["labels"].shape == record["image"].shape[:2] == (h, w)
+            np.testing.assert_array_equal(record["labels"], alone.argmax(0).numpy())
+
+
 @pytest.mark.parametrize("losses", [{}, {"dice_weight": 0.5}, {"lovasz_weight": 0.5}])
 def test_loss_ignores_unlabelled_pixels_and_adds_dice_or_lovasz(losses):
     model = segmenter(**losses)
@@ -247,10 +269,10 @@ def test_predict_writes_palette_masks_and_overlays(tmp_path, palette):
     datamodule = type("DM", (), {"palette": palette})()
     SegmentationPredictionWriter().write(records, tmp_path, datamodule, model.head, first=True)
     colours = np.asarray(palette or default_palette(4), np.uint8)
-    for stem, labels in zip(("a", "b"), expected):
-        mask = Image.open(tmp_path / f"{stem}_mask.png")
+    for name, labels in zip(batch["path"], expected):
+        mask = Image.open(tmp_path / f"{name}.mask.png")
         assert mask.mode == "P" and mask.size == (50, 40)
         np.testing.assert_array_equal(np.asarray(mask), labels.numpy())
         assert np.array_equal(np.asarray(mask.getpalette()[:12], np.uint8).reshape(4, 3), colours)
-        overlay = Image.open(tmp_path / f"{stem}_overlay.png")
-        assert overlay.mode == "RGB" and overlay.size == (50, 40)
+        overlay = Image.open(tmp_path / f"{name}.overlay.png")
+        assert overlay.mode == "RGB" and overlay.width == 50 and overlay.height > 40  # a legend below

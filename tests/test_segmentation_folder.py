@@ -45,15 +45,16 @@ def photo(ids: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def write_own(root, rng, counts=(("train", 4), ("val", 2))) -> dict:
-    """``images/<split>/<folder>/*.jpg`` + RGB ``annotations/...png`` + ``classes.yaml``; returns path -> class ids."""
+def write_own(root, rng, counts=(("train", 4), ("val", 2)), sizes=((HEIGHT, WIDTH),)) -> dict:
+    """``images/<split>/<folder>/*.jpg`` + RGB ``annotations/...png`` + ``classes.yaml`` (image i of a split in
+    ``sizes[i % len(sizes)]``); returns path -> class ids."""
     (root / "classes.yaml").parent.mkdir(parents=True, exist_ok=True)
     (root / "classes.yaml").write_text(yaml.safe_dump(OWN_CLASSES))
     palette = np.array(OWN_CLASSES["palette"], np.uint8)
     expected = {}
     for split, count in counts:
         for i in range(count):
-            ids = scene(rng, [0, 1, 2, 3])
+            ids = scene(rng, [0, 1, 2, 3], *sizes[i % len(sizes)])
             colours = palette[ids]
             colours[-4:] = 255  # an unlabelled strip
             ids[-4:] = 255
@@ -170,8 +171,8 @@ def test_own_folders_with_colour_masks_train_validate_and_predict_in_the_class_c
     ckpt = next((in_tmp / "run").rglob("last.ckpt"))
     run_cli(["predict", *composed("segmentation_folder", root), "--ckpt_path", ckpt, "--trainer.logger", "false",
              "--predict_dir", in_tmp / "pred"])
-    masks = sorted((in_tmp / "pred").glob("*_mask.png"))
-    assert [m.name for m in masks] == ["frame0_mask.png", "frame1_mask.png"]  # the val images: no test split here
+    masks = sorted((in_tmp / "pred").rglob("*.mask.png"), key=lambda m: m.name)  # under images/val/<folder>/
+    assert [m.name for m in masks] == ["frame0.jpg.mask.png", "frame1.jpg.mask.png"]  # the val images: no test split
     with Image.open(masks[0]) as mask:
         assert mask.size == (WIDTH, HEIGHT)
         assert np.array_equal(np.reshape(mask.getpalette()[:12], (4, 3)), OWN_CLASSES["palette"])
@@ -210,14 +211,25 @@ def test_unknown_colour_label_value_and_missing_label_are_named(tmp_path):
         dataset(root)
 
 
-def test_evaluation_images_of_different_sizes_need_batches_of_one(tmp_path):
-    write_ade(tmp_path, np.random.default_rng(2))
-    config = yaml.safe_load((CONFIGS / "data/ade20k.yaml").read_text())["data"]["init_args"]
-    dm = SegmentationFolderDataModule(**{**config, "root": str(tmp_path), "num_workers": 0, "val_batch_size": 2})
-    dm.setup("validate")
-    with pytest.raises(DatasetError, match=r"ADE_val_00000001.jpg \(64x96\) and .*ADE_val_00000002.jpg \(72x80\): "
-                                           r".* set val_batch_size 1"):
-        next(iter(dm.val_dataloader()))
+def test_evaluation_batches_of_mixed_sizes_give_the_metrics_and_masks_of_one_image_at_a_time(in_tmp):
+    # Images of two sizes (as ADE20K's, which all differ): a batch pads them to its largest (labels 255: ignored)
+    # and each image is predicted at its own size. Batches of 3: [64x96, 64x96, 72x80] and [72x80].
+    root = in_tmp / "my_set"
+    sizes = ((HEIGHT, WIDTH), (72, 80))
+    write_own(root, np.random.default_rng(2), counts=(("val", 4),), sizes=sizes)
+    metrics, masks = {}, {}
+    for batch in (1, 3):
+        args = [*composed("segmentation_folder", root), "--seed_everything", "0", "--trainer.logger", "false",
+                "--data.init_args.val_batch_size", batch]
+        cli = run_cli(["validate", *args])
+        metrics[batch] = {name: value.item() for name, value in cli.trainer.callback_metrics.items()}
+        run_cli(["predict", *args, "--predict_dir", in_tmp / f"predicted_{batch}"])
+        masks[batch] = {p.name: np.asarray(Image.open(p)) for p in (in_tmp / f"predicted_{batch}").rglob("*mask.png")}
+    assert metrics[1]["val/miou"] > 0 and metrics[3] == metrics[1]
+    assert sorted(masks[3]) == sorted(masks[1]) and len(masks[1]) == 4
+    for name, mask in masks[3].items():
+        assert mask.shape == sizes[int(name.removeprefix("frame")[0]) % 2]  # its image's size, unpadded
+        np.testing.assert_array_equal(mask, masks[1][name])
 
 
 # ---------------------------------------------------------------------- ADE20K
@@ -232,7 +244,7 @@ def test_ade20k_reduces_zero_label_and_trains(in_tmp):
     assert (mask[raw == 0] == 255).all()  # "other" is ignored
     assert np.array_equal(mask[raw > 0], raw[raw > 0] - 1)  # wall 1 -> 0, sky 3 -> 2, ...
 
-    metrics = fit("ade20k", root, in_tmp / "run")  # validation images of two sizes, one at a time
+    metrics = fit("ade20k", root, in_tmp / "run")  # validation images of two sizes
     assert 0 <= metrics["val/miou"] <= 1
     assert {"val/iou_wall", "val/iou_sky", "val/iou_road", "val/iou_car"} <= set(metrics)
 

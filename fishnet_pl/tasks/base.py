@@ -26,6 +26,9 @@ class TaskHead(nn.Module):
     #: Metric that ModelCheckpoint watches (logged at validation epoch end), and its direction.
     monitor: str = "val/loss"
     monitor_mode: str = "min"
+    #: The headline numbers shown in the progress bar (training and evaluation logs, names without the stage);
+    #: every other number goes to the loggers only.
+    progress_bar: tuple[str, ...] = ("loss",)
     #: Where the timm backbone sits in the network ("" = the network is the backbone).
     backbone_path: str = ""
     #: The dataset's class names, when known (``set_class_names``).

@@ -31,6 +31,7 @@ class ClassificationHead(TaskHead):
 
     monitor = "val/acc1"
     monitor_mode = "max"
+    progress_bar = ("loss", "acc1")
 
     def __init__(self, label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
         super().__init__()

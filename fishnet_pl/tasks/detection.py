@@ -68,9 +68,9 @@ class DetectionHead(TaskHead):
     Validation and test log COCO's ``{stage}/bbox_ap``, ``bbox_ap50``, ``bbox_ap75``, ``bbox_aps``,
     ``bbox_apm``, ``bbox_apl`` (and ``segm_*`` for Mask R-CNN), computed by pycocotools over each image
     once (-1 where no ground truth falls in an area range); ``CocoResultsWriter`` writes the detections as
-    a COCO results file ``{stage}_detections.json`` into the run's log folder. From predict's records,
-    ``DetectionPredictionWriter`` saves each image with its detections drawn (``<name>.png``) and a
-    ``detections.jsonl`` line per image.
+    a COCO results file ``{stage}_detections.json`` into the run's log folder. Predict keeps the detections
+    scoring at least ``predict_score_thresh``; ``DetectionPredictionWriter`` saves each image with them drawn
+    (``a/img.jpg.png``) and a ``detections.jsonl`` line per image.
 
     Args:
         detector: "maskrcnn" or "fasterrcnn".
@@ -87,11 +87,13 @@ class DetectionHead(TaskHead):
         representation_size: width of the box head's two fully connected layers.
         mask_head_channels: channels of the mask head's four 3x3 convolutions (Mask R-CNN).
         mask_threshold: a mask pixel belongs to the object when its probability exceeds this.
-        draw_score_thresh: predict draws detections scoring at least this (the JSON keeps all).
+        predict_score_thresh: predict keeps (draws and writes) only detections scoring at least this;
+            evaluation keeps all above ``box_score_thresh``.
     """
 
     monitor = "val/bbox_ap"
     monitor_mode = "max"
+    progress_bar = ("loss", "bbox_ap", "segm_ap")
     backbone_path = "backbone.body"
 
     def __init__(
@@ -109,7 +111,7 @@ class DetectionHead(TaskHead):
         representation_size: int = 1024,
         mask_head_channels: int = 256,
         mask_threshold: float = 0.5,
-        draw_score_thresh: float = 0.5,
+        predict_score_thresh: float = 0.5,
     ):
         super().__init__()
         if detector not in ("maskrcnn", "fasterrcnn"):
@@ -121,7 +123,7 @@ class DetectionHead(TaskHead):
         if not sizes or min(sizes) < 1 or max_size < max(sizes):
             raise ValueError(f"min_size must be positive and at most max_size ({max_size}), got {min_size}")
         for name, value in (("box_score_thresh", box_score_thresh), ("box_nms_thresh", box_nms_thresh),
-                            ("mask_threshold", mask_threshold), ("draw_score_thresh", draw_score_thresh)):
+                            ("mask_threshold", mask_threshold), ("predict_score_thresh", predict_score_thresh)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         self.detector, self.fpn_channels = detector, fpn_channels
@@ -130,7 +132,7 @@ class DetectionHead(TaskHead):
         self.box_score_thresh, self.box_nms_thresh = box_score_thresh, box_nms_thresh
         self.box_detections_per_img, self.box_batch_size_per_image = box_detections_per_img, box_batch_size_per_image
         self.representation_size, self.mask_head_channels = representation_size, mask_head_channels
-        self.mask_threshold, self.draw_score_thresh = mask_threshold, draw_score_thresh
+        self.mask_threshold, self.predict_score_thresh = mask_threshold, predict_score_thresh
 
     @property
     def with_masks(self) -> bool:
@@ -190,11 +192,13 @@ class DetectionHead(TaskHead):
         image_ids = batch.get("image_ids")
         records = []
         for i, (image, path, output) in enumerate(zip(batch["images"], batch["paths"], outputs)):
+            keep = output["scores"] >= self.predict_score_thresh
             record = {"path": path, "image": (image.detach() * 255).round().clamp(0, 255).to(torch.uint8).cpu(),
-                      "boxes": output["boxes"].detach().cpu(), "labels": output["labels"].cpu(),
-                      "scores": output["scores"].cpu()}
+                      "boxes": output["boxes"][keep].detach().cpu(), "labels": output["labels"][keep].cpu(),
+                      "scores": output["scores"][keep].cpu()}
             if self.with_masks:
-                record["masks"] = [rle_json(r) for r in encode_masks(output["masks"][:, 0] > self.mask_threshold)]
+                masks = output["masks"][keep, 0] > self.mask_threshold
+                record["masks"] = [rle_json(r) for r in encode_masks(masks)]
             if image_ids is not None:
                 record["image_id"] = int(image_ids[i])
             records.append(record)

@@ -42,11 +42,13 @@ class SegmentationHead(TaskHead):
     Batches: ``image`` float [B, C, H, W] in [0, 1] (any size; normalised here with the backbone's
     mean and std), ``mask`` int64 [B, H, W] class ids
     with ``ignore_index`` for unlabelled pixels, and for evaluation ``index`` (dataset indices, so that under
-    DDP every image counts once). Validation and test log ``{stage}/miou`` (mean IoU over the classes present
+    DDP every image counts once) and ``size`` int64 [B, 2] (each image's height and width, when the batch pads
+    images of different sizes to its largest: ``datamodules.common.collate_padded``; each is predicted at its
+    own size). Validation and test log ``{stage}/miou`` (mean IoU over the classes present
     in the ground truth or the predictions) and ``{stage}/iou_<class>`` for each such class, over all
     processes (``fishnet_pl.metrics.SegmentationIoU``). Predict gives each image's class ids, which
-    ``SegmentationPredictionWriter`` saves as ``<name>_mask.png`` (the datamodule's palette, e.g.
-    Cityscapes') and ``<name>_overlay.png`` (the mask blended over the image).
+    ``SegmentationPredictionWriter`` saves as ``a/img.jpg.mask.png`` (the datamodule's palette, e.g.
+    Cityscapes') and ``a/img.jpg.overlay.png`` (the mask blended over the image, with a legend).
 
     Args:
         decoder: smp architecture name: Unet, UnetPlusPlus, FPN, PSPNet, DeepLabV3, DeepLabV3Plus,
@@ -67,6 +69,7 @@ class SegmentationHead(TaskHead):
 
     monitor = "val/miou"
     monitor_mode = "max"
+    progress_bar = ("loss", "miou")
     backbone_path = "encoder.model"  # smp's TimmUniversalEncoder holds the timm model as .model
 
     def __init__(
@@ -172,9 +175,22 @@ class SegmentationHead(TaskHead):
                 count[..., top:top + wh, left:left + ww] += 1
         return total / count
 
-    def predict_probabilities(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    def predict_probabilities(self, network: nn.Module, images: torch.Tensor,
+                              sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Class probabilities [B, K, H, W] with the configured evaluation: whole or sliding window,
-        averaged over ``eval_scales`` and, with ``eval_flip``, the mirrored image."""
+        averaged over ``eval_scales`` and, with ``eval_flip``, the mirrored image.
+
+        ``sizes`` [B, 2]: each image's own (height, width) in a batch padded to its largest. The images of
+        each size run together, cropped to it, so an image gets the prediction it gets alone (more padding
+        would change it: the network's context, global pooling and scaled or mirrored edges); the padding's
+        probabilities are 0.
+        """
+        if sizes is not None and (sizes != sizes.new_tensor(images.shape[-2:])).any():
+            probs = images.new_zeros(len(images), self.num_classes, *images.shape[-2:])
+            for h, w in sizes.unique(dim=0).tolist():
+                same = (sizes == sizes.new_tensor([h, w])).all(dim=1)
+                probs[same, :, :h, :w] = self.predict_probabilities(network, images[same, :, :h, :w])
+            return probs
         h, w = images.shape[-2:]
         infer = self._slide_logits if self.eval_mode == "slide" else self._logits
         probs = 0
@@ -201,15 +217,17 @@ class SegmentationHead(TaskHead):
         return loss, {"loss": loss, **logs}
 
     def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> None:
-        predictions = self.predict_probabilities(network, batch["image"]).argmax(dim=1)
-        self.metrics[stage].update(predictions, batch["mask"], batch.get("index"))
+        predictions = self.predict_probabilities(network, batch["image"], batch.get("size")).argmax(dim=1)
+        self.metrics[stage].update(predictions, batch["mask"], batch.get("index"))  # padding: ignore_index
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
-        labels = self.predict_probabilities(network, batch["image"]).argmax(dim=1).to(torch.uint8).cpu().numpy()
-        pixels = (batch["image"] * 255).round().clamp(0, 255).to(torch.uint8)
-        pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
-        return [{"path": path, "labels": m, "image": p} for path, m, p in zip(batch["path"], labels, pixels)]
+        images, sizes = batch["image"], batch.get("size")
+        labels = self.predict_probabilities(network, images, sizes).argmax(dim=1).to(torch.uint8).cpu().numpy()
+        pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        sizes = sizes.tolist() if sizes is not None else [images.shape[-2:]] * len(images)
+        return [{"path": path, "labels": m[:h, :w], "image": p[:h, :w]}  # each at its image's own size
+                for path, m, p, (h, w) in zip(batch["path"], labels, pixels, sizes)]
 
 
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
