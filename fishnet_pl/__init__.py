@@ -21,6 +21,7 @@ from fishnet_pl.models import (  # noqa: F401
     fishnext201_32x4d,
     fuse_for_inference,
     list_backbones,
+    load_backbone_weights,
     load_official_weights,
 )
 

@@ -7,16 +7,30 @@ earlier ones and ``--print_config`` shows the merged run.
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import itertools
+import linecache
+import logging
 import os
+import pkgutil
+import re
 import sys
 import tempfile
+import traceback
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
 
 import lightning as L
 import timm
+from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+import datamodules
+from datamodules.common import DatasetError
 from fishnet_pl.callbacks import PredictionWriter
 from fishnet_pl.inference import read_checkpoint
 from fishnet_pl.malloc import keep_freed_memory
@@ -26,13 +40,116 @@ from fishnet_pl.module import FishNetModule
 #: The data of ``predict --ckpt_path CKPT`` given without a config: a folder of images, prepared as the checkpoint says.
 PREDICT_FOLDER = "datamodules.predict.PredictFolderDataModule"
 
+#: Set to 1 to see the traceback of fishnet-pl's own errors, which print as their message alone.
+TRACEBACK_VARIABLE = "FISHNET_PL_TRACEBACK"
+
+EXPORT_HELP = "Export a checkpoint's network as ONNX or torch.export (.pt2): fishnet-pl export --help."
+
+
+class FishNetArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with short errors: an unknown option or config key is refused in a few lines naming
+    the closest real one (the whole usage is ``--help``'s), and no option is taken by its abbreviation
+    (``--trainer.max_epoch`` is refused, not read as ``--trainer.max_epochs``)."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+        self.subcommands_action = None
+
+    def add_subcommands(self, *args, **kwargs):
+        self.subcommands_action = super().add_subcommands(*args, **kwargs)  # its .choices: name -> parser
+        return self.subcommands_action
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse is trying alternatives, or a caller wants the exception
+            super().error(message, ex)
+        parser = self._subcommand_parser() or self
+        prog = parser.prog.replace(" [options]", "")
+        message, hint = explain_parse_error(message, parser, getattr(self, "args", None) or [])
+        lines = [f"{prog}: error: {message}", *([f"  did you mean {hint}?"] if hint else []),
+                 f"  all options: {prog} --help"]
+        sys.stderr.write("\n".join(lines) + "\n")
+        self.exit(2)
+
+    def _subcommand_parser(self):
+        """The parser of the subcommand on the command line, for the main parser's errors about its options."""
+        choices = self.subcommands_action.choices if self.subcommands_action else {}
+        return next((choices[arg] for arg in getattr(self, "args", None) or [] if arg in choices), None)
+
+
+def explain_parse_error(message: str, parser: ArgumentParser, argv: list[str]) -> tuple[str, str | None]:
+    """jsonargparse's error ``message`` in one line, and the closest real option to the one it refuses (or None).
+
+    ``parser`` is the (sub)command's, ``argv`` the command line: a suggestion keeps the user's spelling
+    (``--data.rot`` -> ``--data.root``); a key from a config file is suggested as a key."""
+    unrecognized = re.match(r"unrecognized arguments: (.*)", message, re.DOTALL)
+    if unrecognized:
+        flags = [arg for arg in unrecognized.group(1).split() if re.match(r"--?[A-Za-z_]", arg)]
+        if flags:
+            match = closest_key(flags[0].lstrip("-").split("=", 1)[0], parser.get_defaults().keys())
+            return f"unknown option{'s' if len(flags) > 1 else ''} {', '.join(flags)}", match and f"--{match}"
+    unknown_key = re.match(r"(?:Subcommand '\w+'|Group '([\w.]+)') does not accept option '([\w.]+)'", message)
+    if unknown_key:  # a key of a --config file (or of a dict value) that no argument has
+        key = ".".join(filter(None, unknown_key.groups()))
+        return f"unknown key {key!r} (in a --config file?)", closest_key(key, parser.get_defaults().keys())
+    # jsonargparse's error for a class_path value (data, model.head, a callback) lists each Union alternative.
+    noise = ("Does not validate against any of the Union", "Subtypes:", "Errors:", "Given value type:",
+             "Expected a <class 'NoneType'>")
+    lines = [line.strip().removeprefix("- ") for line in message.splitlines()]
+    message = " ".join(line for line in lines if line and not line.startswith(noise))
+    refused = re.search(r"Parser key \"([\w.]+)\":.*?given class_path '([\w.]+)': Option '(\w+)' is not accepted",
+                        message)
+    if not refused:
+        return message, None
+    key, class_path, option = refused.groups()
+    message = f"{class_path} ({key}) has no argument {option!r}"
+    match = closest_key(option, class_arguments(class_path))
+    if match is None:
+        return message, None
+    given = next((flag for flag in (arg.split("=", 1)[0] for arg in argv)
+                  if re.fullmatch(rf"--{re.escape(key)}\.(init_args\.)?{option}", flag)), None)
+    return message, f"{given.removesuffix(option)}{match}" if given else f"{key}.init_args.{match}"
+
+
+def closest_key(key: str, keys: Iterable[str]) -> str | None:
+    """The known dotted key nearest to ``key``, one part corrected: the last part among its known siblings
+    (``model.bakbone`` -> ``model.backbone``), else an earlier one with the rest kept (``dta.init_args.root`` ->
+    ``data.init_args.root``); None if nothing is close."""
+    parts = key.split(".")
+    known = [k.split(".") for k in keys]
+    for n in range(len(parts) - 1, -1, -1):
+        siblings = {k[n] for k in known if len(k) > n and k[:n] == parts[:n]}
+        match = difflib.get_close_matches(parts[n], siblings, n=1, cutoff=0.6)
+        if match and match[0] != parts[n]:
+            return ".".join([*parts[:n], match[0], *parts[n + 1:]])
+    return None
+
+
+def class_arguments(class_path: str) -> list[str]:
+    """The init arguments jsonargparse accepts for ``class_path`` (parents' included), or [] if it is no class."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError, TypeError, ValueError):  # then no suggestion, only the error
+        return []
+    return list(parser.get_defaults().keys())
+
 
 class FishNetCLI(LightningCLI):
+    def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:  # only for ``fishnet-pl --help``: main() runs export (no Trainer method) by itself
+            self.parser.subcommands_action.add_subcommand("export", self.parser_class(description=EXPORT_HELP),
+                                                          help=EXPORT_HELP)
+
     def add_arguments_to_parser(self, parser) -> None:
         # The dataset knows its classes; the model never repeats them.
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.add_argument("--predict_dir", type=str | None, default=None,
-                            help="predict: folder for the prediction files (default <default_root_dir>/predictions)")
+                            help="predict: folder for the prediction files (default: the first free of "
+                                 "<default_root_dir>/predictions, predictions_1, ...)")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="predict: write into a --predict_dir that already holds files")
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -43,7 +160,7 @@ class FishNetCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        self._loggers_write_under_default_root_dir(config)
+        self._one_folder_per_run(config)
         if self.subcommand == "predict":  # it writes prediction files only: no logs to replace the training run's
             config["trainer"]["logger"] = False
         if self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path"):
@@ -80,18 +197,30 @@ class FishNetCLI(LightningCLI):
     DEFAULT_ROOT_DIR = "${trainer.default_root_dir}"
 
     @classmethod
-    def _loggers_write_under_default_root_dir(cls, config) -> None:
-        # So --trainer.default_root_dir DIR moves logs and checkpoints (in the first logger's folder) with it.
-        # jsonargparse gives a list of Namespaces (class_path, init_args), or one; a save_dir set by the user stays.
+    def _one_folder_per_run(cls, config) -> None:
+        """Every logger of the run writes in one new ``version_N`` folder, which also gets its checkpoints and
+        ``config.yaml``; earlier runs' folders are never reused (CSVLogger deletes the logs of a folder it reuses).
+
+        Lightning's loggers each pick their next free version by themselves, so a CSV and a TensorBoard logger
+        of one run land in ``version_0`` and ``version_1``. Here one number is picked, free for all of them. A
+        ``save_dir`` left as ``${trainer.default_root_dir}`` (or unset) becomes that folder, so
+        ``--trainer.default_root_dir DIR`` moves logs and checkpoints with it; a ``version`` the user set stays.
+        """
         trainer = config.get("trainer") or {}
         loggers = trainer.get("logger") if hasattr(trainer, "get") else None
         if loggers is None or isinstance(loggers, bool):
             return
         root = trainer.get("default_root_dir") or os.getcwd()  # Lightning's own default
-        for logger in loggers if isinstance(loggers, list) else [loggers]:
-            init = logger.get("init_args") if hasattr(logger, "get") else None
-            if init is not None and init.get("save_dir") in (None, cls.DEFAULT_ROOT_DIR):
+        inits = [logger.get("init_args") for logger in (loggers if isinstance(loggers, list) else [loggers])
+                 if hasattr(logger, "get") and logger.get("init_args") is not None]
+        for init in inits:
+            if init.get("save_dir") in (None, cls.DEFAULT_ROOT_DIR):
                 init["save_dir"] = root
+        unversioned = [init for init in inits if "version" in init and init["version"] is None]
+        folders = {Path(init["save_dir"]) / (init.get("name") or "") for init in unversioned}
+        version = next(n for n in itertools.count() if not any((f / f"version_{n}").exists() for f in folders))
+        for init in unversioned:
+            init["version"] = version  # an int: the folder is version_N, the progress bar shows v_num=N
 
     def before_fit(self) -> None:
         self._check_run()
@@ -126,7 +255,7 @@ class FishNetCLI(LightningCLI):
         ``default_root_dir`` (it reads those only without a ``ckpt_path``). This looks at all three.
         """
         root = Path(self.trainer.default_root_dir)
-        found = [*root.glob("hpc_ckpt_*.ckpt"), *root.glob("checkpoints/last*.ckpt"),
+        found = [*root.glob("hpc_ckpt_*.ckpt"), *root.glob("last.ckpt"), *root.glob("checkpoints/last*.ckpt"),
                  *root.glob("*/checkpoints/last*.ckpt"), *root.glob("*/*/checkpoints/last*.ckpt")]
         found += [Path(path) for callback in self.trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)
                   for path in callback._find_last_checkpoints(self.trainer)]  # what Lightning's "last" looks at
@@ -135,7 +264,8 @@ class FishNetCLI(LightningCLI):
     def before_predict(self) -> None:
         self._check_run()
         # Not a model hyper-parameter: with --ckpt_path, LightningCLI takes those from the checkpoint.
-        writer = PredictionWriter.for_head(self.model.head, self.config[self.subcommand].predict_dir)
+        config = self.config[self.subcommand]
+        writer = PredictionWriter.for_head(self.model.head, config.predict_dir, config.overwrite)
         if writer is not None:
             self.trainer.callbacks.append(writer)
 
@@ -169,9 +299,36 @@ def check_checkpoint(ckpt_path: str | os.PathLike | None, resume: bool) -> None:
                          "that fit --ckpt_path resumes; to start a new run from it use --model.backbone_weights")
 
 
+#: Third-party messages that tell a fishnet-pl user nothing they can act on (warnings: regular expressions).
+CHATTER_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own pytree code on torch 2.14
+    r"No seed found, seed set to",  # predict without a config: nothing random happens
+    r"The dirpath has changed from",  # a resumed run writes in its own version folder, by design
+)
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertisements for its cloud services (litlogger, litmodels)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_third_party_chatter() -> None:
+    """Hide the messages of ``CHATTER_WARNINGS`` and Lightning's tips; everything else is shown."""
+    for message in CHATTER_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    import lightning_utilities.core.rank_zero
+
+    rank_zero_log = lightning_utilities.core.rank_zero.log  # every rank_zero_info goes here (Lightning sets it)
+    if not any(isinstance(f, _DropTips) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(_DropTips())
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> FishNetCLI:
     """Parse ``args`` (default: the command line), build trainer, model and data, and run the subcommand."""
     keep_freed_memory()  # CPU steps reuse freed blocks instead of page-faulting them in anew
+    quiet_third_party_chatter()
     if args is None:  # rewritten in place, so DDP's re-launched processes see the same command line
         sys.argv[1:] = _predict_from_checkpoint_alone(sys.argv[1:])
     else:
@@ -179,9 +336,24 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FishNetCLI:
     # predict writes prediction files, not a run: its config.yaml would replace the training run's.
     command = (sys.argv[1:] if args is None else args)[:1]
     save_config = None if command == ["predict"] else SaveConfigCallback
+    import_datamodules()
     return FishNetCLI(FishNetModule, L.LightningDataModule, subclass_mode_data=True, args=args, run=run,
                       save_config_callback=save_config, save_config_kwargs={"overwrite": True},
-                      auto_configure_optimizers=False)
+                      auto_configure_optimizers=False, parser_class=FishNetArgumentParser,
+                      parser_kwargs={"description": "FishNet (or any timm backbone) for classification, "
+                                                    "segmentation and detection: train, evaluate, predict, export."})
+
+
+def import_datamodules() -> None:
+    """Import every module of ``datamodules``, so that short class names resolve (``--data.help
+    SegmentationFolderDataModule``, ``class_path: CityscapesDataModule``): jsonargparse looks them up among the
+    imported subclasses of LightningDataModule. A module whose optional dependency is missing (LitData for
+    ``streaming``) is left out; its full class_path still gives its own error."""
+    for module in pkgutil.iter_modules(datamodules.__path__, "datamodules."):
+        try:
+            importlib.import_module(module.name)
+        except ImportError:
+            continue
 
 
 def _predict_from_checkpoint_alone(args: list[str]) -> list[str]:
@@ -196,14 +368,60 @@ def _predict_from_checkpoint_alone(args: list[str]) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console script ``fishnet-pl``: LightningCLI's fit/validate/test/predict, and ``export`` (ONNX, pt2)."""
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "export":
-        from fishnet_pl.export import export_main
+    """Console script ``fishnet-pl``: LightningCLI's fit/validate/test/predict, and ``export`` (ONNX, pt2).
 
-        export_main(argv[1:])
-        return
-    build_cli(args)
+    From the command line (``args`` None), fishnet-pl's own errors (a bad dataset, checkpoint, weights file,
+    backbone name or output folder) print as their message alone, exit status 1; any other exception keeps its
+    traceback, as all do with ``FISHNET_PL_TRACEBACK=1``. Called with ``args`` (from Python), errors raise.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    try:
+        if argv and argv[0] == "export":
+            from fishnet_pl.export import export_main
+
+            export_main(argv[1:])
+            return
+        build_cli(args)
+    except Exception as err:
+        if args is not None:
+            raise
+        message = own_error_message(err)
+        if message is None or os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
+            traceback.print_exception(err)
+        else:
+            sys.stderr.write(f"fishnet-pl: error: {message}\n  ({TRACEBACK_VARIABLE}=1 shows the traceback)\n")
+        sys.exit(1)
+
+
+#: fishnet-pl's own code: an error that a ``raise`` statement there raises is meant for the user.
+OWN_FOLDERS = tuple(os.path.dirname(os.path.realpath(file)) + os.sep for file in (__file__, datamodules.__file__))
+
+#: How torch re-raises an error of a DataLoader worker: the worker's traceback is in the message.
+WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def own_error_message(err: BaseException) -> str | None:
+    """The message of an error fishnet-pl raised for the user, or None for anything else (a bug, whose traceback
+    matters): a ``DatasetError``, or an error with a message raised by a ``raise`` statement in ``fishnet_pl`` or
+    ``datamodules``. For an error re-raised from a DataLoader worker, the worker's frame decides and the message
+    is the worker's own, without torch's "Caught ... in DataLoader worker process" and traceback text."""
+    text = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+    if WORKER_ERROR.match(text):
+        lines = text.splitlines()
+        last = max(i for i, line in enumerate(lines) if re.match(r'  File ".+", line \d+', line))
+        filename, lineno = re.match(r'  File "(.+)", line (\d+)', lines[last]).groups()
+        rest = lines[last + 1:]
+        while rest and rest[0].startswith("    "):  # the source line and its ^^^ markers
+            rest.pop(0)
+        text = re.sub(r"^[\w.]+: ", "", "\n".join(rest).strip(), count=1)  # "datamodules.common.DatasetError: "
+    else:
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        filename, lineno = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb else ("", 0)
+    raised_here = (os.path.realpath(filename).startswith(OWN_FOLDERS)
+                   and linecache.getline(filename, int(lineno)).lstrip().startswith("raise "))
+    return text if text and (raised_here or isinstance(err, DatasetError)) else None
 
 
 if __name__ == "__main__":

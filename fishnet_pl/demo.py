@@ -3,7 +3,8 @@
     python -m fishnet_pl.demo [classification|segmentation|detection ...]
 
 The segmentation quickstart fine-tunes the classification quickstart's checkpoint, so that one
-runs first when its checkpoint is missing.
+runs first when its checkpoint is missing. Each run writes in a new version folder of its recipe's
+``runs/quickstart/<task>``; the demo ends by saying where, and what to run next.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from fishnet_pl.cli import build_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 TASKS = ("classification", "segmentation", "detection")
-CLASSIFICATION_CKPT = Path("runs/quickstart/classification/checkpoints/last.ckpt")
+#: What the segmentation quickstart starts from: a link to the newest classification run's last checkpoint.
+CLASSIFICATION_CKPT = Path("runs/quickstart/classification/last.ckpt")
 
 
-def run(task: str) -> dict[str, float]:
-    """Fit the task's quickstart, then test its best checkpoint; returns the test metrics."""
+def run(task: str) -> tuple[dict[str, float], Path, Path]:
+    """Fit the task's quickstart, then test its best checkpoint: (test metrics, run folder, best checkpoint)."""
     print(f"\n=== quickstart {task}: fishnet-pl fit --config configs/quickstart/{task}.yaml", flush=True)
     result = build_cli(["fit", "--config", str(CONFIGS / f"{task}.yaml")])
     (metrics,) = result.trainer.test(result.model, datamodule=result.datamodule, ckpt_path="best")
-    return metrics
+    return metrics, Path(result.trainer.log_dir), Path(result.trainer.checkpoint_callback.best_model_path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,10 +35,23 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown demo task(s) {sorted(unknown)}; choose from {TASKS}")
     if "segmentation" in tasks and "classification" not in tasks and not CLASSIFICATION_CKPT.is_file():
         tasks = ["classification", *tasks]
-    results = {task: run(task) for task in tasks}
-    print("\n=== quickstart results")
-    for task, metrics in results.items():
-        print(task, " ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
+    print(summary({task: run(task) for task in tasks}))
+
+
+def summary(results: dict[str, tuple[dict[str, float], Path, Path]]) -> str:
+    """The demo's last words: each task's test metrics, where its run wrote, and the commands to run next."""
+    lines = ["", "=== quickstart results"]
+    for task, (metrics, run_dir, best) in results.items():
+        lines += [f"{task}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())),
+                  f"  run folder (logs, checkpoints, config.yaml): {run_dir}", f"  best checkpoint: {best}"]
+    task, (_, _, best) = next(iter(results.items()))
+    lines += ["", "Next:",
+              f"  fishnet-pl predict --ckpt_path {best} --data.predict_root YOUR_IMAGES "
+              f"--predict_dir predictions/{task}",
+              f"  fishnet-pl export --ckpt_path {best} --format onnx --output exports/",
+              "  fishnet-pl fit --config configs/quickstart/<task>.yaml --data.init_args.root YOUR_DATA "
+              "--data.init_args.quickstart false   # a recipe on your own data"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

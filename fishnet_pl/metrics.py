@@ -64,12 +64,12 @@ class _PerImageMetric(Metric):
 
 
 class ClassificationMetrics(_PerImageMetric):
-    """Cross-entropy ``loss`` and top-k accuracy (``acc1``, ``acc5`` or ``acc<k>`` for fewer classes),
-    averaged over distinct images."""
+    """Cross-entropy ``loss``, ``acc1`` and ``acc<top_k>`` (``acc5``), averaged over distinct images; top-k only
+    when there are more than k classes (with k or fewer it is always 1)."""
 
     def __init__(self, num_classes: int, top_k: int = 5, **kwargs: Any):
         super().__init__(**kwargs)
-        self.num_classes, self.top_k = num_classes, min(top_k, num_classes)
+        self.num_classes, self.top_k = num_classes, top_k if top_k < num_classes else 1
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None = None) -> None:
         loss = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -79,7 +79,7 @@ class ClassificationMetrics(_PerImageMetric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         loss, acc1, acck = self.distinct_rows().mean(dim=0).float()
-        return {"loss": loss, "acc1": acc1, f"acc{self.top_k}": acck}
+        return {"loss": loss, "acc1": acc1, **({f"acc{self.top_k}": acck} if self.top_k > 1 else {})}
 
 
 class SegmentationIoU(_PerImageMetric):
@@ -254,13 +254,15 @@ def coco_evaluate(images: list[dict], iou_type: str, num_classes: int) -> list[f
 def write_coco_results(images: list[dict], path: Path, label_to_category_id: dict[int, int] | None) -> None:
     """The detections as a COCO results file (what ``COCO.loadRes`` and the evaluation server read):
     ``image_id``, ``category_id`` (labels mapped back to COCO's ids), ``bbox`` [x, y, width, height],
-    ``score`` and, with masks, an RLE ``segmentation``."""
+    ``score`` and, with masks, an RLE ``segmentation``. Values are written unrounded (JSON floats round-trip
+    exactly), so pycocotools on this file gives the very numbers ``CocoEvaluation`` logged: rounding would tie
+    scores (which reorders detections) and move boxes across IoU thresholds."""
     category_of = label_to_category_id or {}
     results = []
     for r in images:
         for j, label in enumerate(r["labels"]):
             det = {"image_id": r["image_id"], "category_id": int(category_of.get(int(label), label)),
-                   "bbox": [round(v, 2) for v in r["boxes"][j].tolist()], "score": round(float(r["scores"][j]), 5)}
+                   "bbox": r["boxes"][j].tolist(), "score": float(r["scores"][j])}
             if "rles" in r:
                 det["segmentation"] = rle_json(r["rles"][j])
             results.append(det)

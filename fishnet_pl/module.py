@@ -130,8 +130,14 @@ class FishNetModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logs = self.head.training_step(self.network, batch)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, batch_size=_batch_size(batch))
+        self._log_headline_in_progress_bar({f"train/{k}": v for k, v in logs.items()}, batch_size=_batch_size(batch))
         return loss
+
+    def _log_headline_in_progress_bar(self, logs: dict[str, Any], **kwargs: Any) -> None:
+        """Log everything; the head's headline numbers (``TaskHead.progress_bar``) also in the progress bar."""
+        shown = {name: value for name, value in logs.items() if name.split("/", 1)[-1] in self.head.progress_bar}
+        self.log_dict(shown, prog_bar=True, **kwargs)
+        self.log_dict({name: value for name, value in logs.items() if name not in shown}, **kwargs)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
@@ -154,7 +160,7 @@ class FishNetModule(L.LightningModule):
             return
         logs = metric.compute()  # over every process, each image once
         metric.reset()
-        self.log_dict({f"{stage}/{name}": value for name, value in logs.items()}, prog_bar=True, sync_dist=False)
+        self._log_headline_in_progress_bar({f"{stage}/{name}": value for name, value in logs.items()}, sync_dist=False)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
         if not _batch_size(batch):  # every image of the batch was unreadable (datamodules.predict)

@@ -14,13 +14,12 @@ from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # make test runs two workers on two cores: one torch thread each (and in the processes they start),
-    # rather than four threads contending for two cores.
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
+# One torch thread in every test process (and in the processes they start), with or without xdist: make test
+# runs two workers on two cores, and a test alone then computes exactly what it computes in the suite.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
 
-    torch.set_num_threads(1)
+torch.set_num_threads(1)
 
 DDP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
 
@@ -32,14 +31,17 @@ def run_cli(args: list[str]):
     return build_cli([str(a) for a in args])
 
 
-def run_cli_subprocess(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``fishnet-pl`` as a new process (needed for DDP, which re-launches the command line)."""
+def run_cli_subprocess(args: list[str], cwd: Path, timeout: int = 600,
+                       new_session: bool = False) -> subprocess.CompletedProcess:
+    """Run ``fishnet-pl`` as a new process (needed for DDP, which re-launches the command line); with
+    ``new_session``, in a process group of its own, which a signal to the group reaches as a scheduler's would."""
     # Without the rendezvous variables an in-process DDP test left behind (Lightning stores its port in
     # os.environ): each run then picks a free port, instead of all reusing one that may still be taken.
     inherited = {k: v for k, v in os.environ.items() if k not in DDP_VARIABLES}
     env = {**inherited, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "fishnet_pl.cli", *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=new_session)
 
 
 def validation_metrics(args: list, cwd: Path, devices: int) -> dict[str, float]:
@@ -130,12 +132,15 @@ def _fit_classification_quickstart(cwd: Path, test: bool):
     return cli
 
 
-def predict_from_checkpoint_alone(ckpt: Path, images: list[Path], tmp_path: Path, *args) -> tuple[Path, list[str]]:
+def predict_from_checkpoint_alone(ckpt: Path, images: list[Path], tmp_path: Path,
+                                  *args) -> tuple[Path, list[str], list[str]]:
     """``fishnet-pl predict --ckpt_path CKPT --data.predict_root DIR --predict_dir OUT`` as a user runs it on
     a copy of the checkpoint, in an empty working directory (no config, no dataset, no run folder), over a
-    folder holding ``images`` and what users' folders hold besides: nested folders, grayscale, CMYK, palette
-    and odd-sized images, an unreadable ``.jpg`` and a text file; ``args`` are further CLI arguments.
-    Returns OUT and the unreadable file's path as the prediction writer lists it."""
+    folder holding ``images`` (as ``nested/<name>``) and what users' folders hold besides: nested folders, the
+    first image again under the same name in another folder, ``gray.jpg`` beside ``gray.png``, grayscale, CMYK,
+    palette and odd-sized images, an unreadable ``.jpg`` and a text file; ``args`` are further CLI arguments.
+    Returns OUT, the unreadable file's path as the prediction writer lists it, and the readable images' paths
+    relative to DIR (sorted)."""
     import shutil
 
     import numpy as np
@@ -146,8 +151,10 @@ def predict_from_checkpoint_alone(ckpt: Path, images: list[Path], tmp_path: Path
     cwd.mkdir()
     for image in images:
         shutil.copy(image, folder / "nested" / image.name)
+    shutil.copy(images[0], folder / "nested" / "deeper" / images[0].name)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (50, 70), np.uint8)).save(folder / "gray.jpg")
+    Image.fromarray(rng.integers(0, 255, (70, 50), np.uint8)).save(folder / "gray.png")
     Image.fromarray(rng.integers(0, 255, (81, 33, 3), np.uint8)).convert("CMYK").save(folder / "nested" / "cmyk.JPG")
     palette = Image.fromarray(rng.integers(0, 255, (45, 61, 3), np.uint8)).convert("P")
     palette.save(folder / "nested" / "deeper" / "p.png")
@@ -159,7 +166,9 @@ def predict_from_checkpoint_alone(ckpt: Path, images: list[Path], tmp_path: Path
         run_cli(["predict", "--ckpt_path", "model.ckpt", "--data.predict_root", folder, "--predict_dir", out,
                  "--trainer.enable_progress_bar", "false", *args])
     assert sorted(p.name for p in cwd.iterdir()) == ["model.ckpt"], "predict wrote outside --predict_dir"
-    return out, [str(folder / "broken.jpg")]
+    readable = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                      if p.is_file() and p.name not in ("broken.jpg", "notes.txt"))
+    return out, [str(folder / "broken.jpg")], readable
 
 
 def assert_same_final_weights(expected, actual, global_step: int) -> None:

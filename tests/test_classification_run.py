@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from datamodules.imagenet import QUICKSTART_ROOT
 from fishnet_pl import FishNetModule
+from fishnet_pl.models.weights import CKPT_CLASS_NAMES_KEY
 
 from .conftest import (
     CONFIGS,
     assert_same_final_weights,
     csv_logger,
     predict_from_checkpoint_alone,
+    run_checkpoint,
     run_cli,
     run_cli_subprocess,
     validation_metrics,
@@ -28,11 +31,12 @@ QUICKSTART = CONFIGS / "quickstart" / "classification.yaml"
 
 
 def small_run(root: Path, *extra: str) -> list[str]:
-    """A seconds-long quickstart run: 32x32 images, 4 batches an epoch, one worker."""
-    return ["--config", QUICKSTART, "--data.init_args.root", root / "data", "--data.init_args.image_size", "32",
-            "--data.init_args.val_resize", "36", "--data.init_args.num_workers", "1",
-            "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
-            "--trainer.enable_progress_bar", "false", *extra]
+    """A seconds-long quickstart run in the working directory ``root`` (the demo data in its quickstart folder there):
+    32x32 images, 4 batches an epoch, one worker."""
+    return ["--config", QUICKSTART, "--data.init_args.root", root / QUICKSTART_ROOT,
+            "--data.init_args.image_size", "32", "--data.init_args.val_resize", "36",
+            "--data.init_args.num_workers", "1", "--trainer.limit_train_batches", "4",
+            "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false", *extra]
 
 
 def mid_epoch_checkpoints(every: int) -> list[str]:
@@ -54,12 +58,19 @@ def test_quickstart_learns_well_above_chance(quickstart):
 
 def test_checkpoints_logs_and_hyperparameters_of_a_run(quickstart):
     cli, cwd = quickstart
-    run_dir = cwd / "runs" / "quickstart" / "classification"
+    recipe_dir = cwd / "runs" / "quickstart" / "classification"
+    run_dir = cwd / cli.trainer.log_dir  # this run's own folder, shared by both loggers, its checkpoints and config
+    assert run_dir.parent == recipe_dir and run_dir.name.startswith("version_")
+    assert (run_dir / "config.yaml").is_file() and [p.name for p in recipe_dir.glob("version_*")] == [run_dir.name]
+    assert (recipe_dir / "last.ckpt").resolve() == (run_dir / "checkpoints" / "last.ckpt").resolve()
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(n.startswith("epoch") and "val_acc1=" in n for n in checkpoints)
     with open(run_dir / "metrics.csv") as f:
-        columns = set(next(csv.reader(f)))
-    assert {"train/loss", "val/acc1", "val/loss", "lr-SGD"} <= columns
+        rows = list(csv.DictReader(f))
+    assert {"train/loss", "val/acc1", "val/loss", "lr-SGD"} <= set(rows[0])
+    assert sum(bool(row["train/loss"]) for row in rows) >= 24, "too few training rows to draw a curve"
+    assert "val/acc4" not in rows[0], "top-4 accuracy of 4 classes is always 1"
+    assert set(cli.trainer.progress_bar_metrics) == {"test/loss", "test/acc1"}  # after the fixture's test run
     assert list(run_dir.glob("events.out.tfevents.*")), "TensorBoard logger wrote nothing"
 
     # The checkpoint rebuilds the model with no config at hand and gives the same outputs.
@@ -74,25 +85,38 @@ def test_checkpoints_logs_and_hyperparameters_of_a_run(quickstart):
 
 def test_predict_writes_top5_classes_with_scores(quickstart, tmp_path):
     cli, cwd = quickstart
-    ckpt = cwd / "runs" / "quickstart" / "classification" / "checkpoints" / "last.ckpt"
+    ckpt = run_checkpoint(cwd / "runs" / "quickstart" / "classification")
+    args = ["predict", "--config", QUICKSTART, "--ckpt_path", ckpt, "--predict_dir", tmp_path,
+            "--trainer.enable_progress_bar", "false"]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
-        run_cli(["predict", "--config", QUICKSTART, "--ckpt_path", ckpt, "--predict_dir", tmp_path,
-                 "--trainer.enable_progress_bar", "false"])
+        run_cli(args)
+        written = (tmp_path / "predictions.jsonl").read_bytes()
+        # Another run into the same folder is refused before predicting, unless told to overwrite.
+        with pytest.raises(FileExistsError, match=f"{tmp_path}: holds files .* pass --overwrite true"):
+            run_cli(args)
+        assert (tmp_path / "predictions.jsonl").read_bytes() == written
+        run_cli([*args, "--overwrite", "true"])
     records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == len(cli.datamodule.datasets["val"])  # predicts the val split by default
     first = records[0]
-    assert Path(first["path"]).is_file() and len(first["classes"]) == 4 == len(first["scores"])
+    # "path" is relative to the dataset root (the predict root, for a folder), "file" the image as read.
+    assert Path(first["file"]).is_file() and Path(first["file"]) == cli.datamodule.root / first["path"]
+    assert len(first["classes"]) == 4 == len(first["scores"])
     assert first["scores"] == sorted(first["scores"], reverse=True) and abs(sum(first["scores"]) - 1) < 1e-4
-    assert first["names"][0] == cli.datamodule.classes[first["classes"][0]]
+    # Named by shape (the quickstart's LOC_synset_mapping.txt), not by class folder (wnid); so is the checkpoint.
+    assert cli.datamodule.class_names == ["circle", "square", "triangle", "stripes"]
+    assert first["names"][0] == cli.datamodule.class_names[first["classes"][0]]
+    assert torch.load(ckpt, weights_only=True)[CKPT_CLASS_NAMES_KEY] == cli.datamodule.class_names
 
     # The checkpoint alone predicts a user's folder as the config did the val images (crop, resize, names).
     some = records[::12]
-    out, unreadable = predict_from_checkpoint_alone(ckpt, [Path(r["path"]) for r in some], tmp_path / "alone")
-    alone = {Path(r["path"]).name: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
-    assert sorted(alone) == sorted([Path(r["path"]).name for r in some] + ["cmyk.JPG", "gray.jpg", "p.png"])
+    out, unreadable, readable = predict_from_checkpoint_alone(ckpt, [Path(r["file"]) for r in some],
+                                                              tmp_path / "alone")
+    alone = {r["path"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    assert sorted(alone) == readable  # same-named images in two folders, gray.jpg and gray.png: each its own
     for r in some:
-        mine = alone[Path(r["path"]).name]
+        mine = alone[f"nested/{Path(r['file']).name}"]
         assert mine["classes"] == r["classes"] and mine["names"] == r["names"], r["path"]
         assert mine["scores"] == pytest.approx(r["scores"], abs=1e-5)
     assert (out / "unreadable.txt").read_text().splitlines() == unreadable
@@ -233,13 +257,13 @@ def test_slurm_requeue_signal_saves_an_hpc_checkpoint_requeues_and_last_resumes_
 
 def test_validation_on_three_processes_gives_the_one_process_metrics(quickstart, tmp_path):
     _, cwd = quickstart
-    ckpt = cwd / "runs" / "quickstart" / "classification" / "checkpoints" / "last.ckpt"
+    ckpt = run_checkpoint(cwd / "runs" / "quickstart" / "classification")
     data = shutil.copytree(cwd / "data" / "quickstart" / "imagenet", tmp_path / "imagenet")
     next((data / "val").rglob("*.JPEG")).unlink()  # 47 val images on 3 processes: the sampler repeats 1
     args = ["--config", QUICKSTART, "--ckpt_path", ckpt, "--data.init_args.root", data,
             "--data.init_args.batch_size", "5"]
     one, three = (validation_metrics(args, tmp_path, devices) for devices in (1, 3))
-    assert set(one) == {"val/loss", "val/acc1", "val/acc4"} == set(three)
+    assert set(one) == {"val/loss", "val/acc1"} == set(three)  # no top-4 accuracy of 4 classes: always 1
     assert one == pytest.approx(three, abs=1e-6)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 import yaml
@@ -139,13 +140,61 @@ def test_a_machine_file_sets_no_recipe_value(machine):
 def test_default_root_dir_takes_every_output_of_a_run(in_tmp):
     out = in_tmp / "out"
     args = ["--config", CONFIGS / "quickstart/classification.yaml", "--trainer.default_root_dir", out,
-            "--data.init_args.root", in_tmp / "data", "--data.init_args.image_size", "32",
-            "--data.init_args.val_resize", "36", "--data.init_args.num_workers", "0",
-            "--trainer.enable_progress_bar", "false"]
+            "--data.init_args.image_size", "32", "--data.init_args.val_resize", "36",
+            "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar", "false"]
     run_cli(["fit", *args, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
              "--trainer.limit_val_batches", "1"])
-    assert (out / "checkpoints" / "last.ckpt").is_file()
-    assert (out / "metrics.csv").is_file() and list(out.glob("events.out.tfevents.*"))
-    run_cli(["predict", *args, "--ckpt_path", out / "checkpoints" / "last.ckpt"])
-    assert (out / "predictions" / "predictions.jsonl").is_file()
+    run = out / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (out / "last.ckpt").is_file()
+    assert (run / "metrics.csv").is_file() and list(run.glob("events.out.tfevents.*"))
+    run_cli(["predict", *args, "--ckpt_path", out / "last.ckpt"])
+    assert list(out.glob("predictions*/predictions.jsonl"))
     assert not (in_tmp / "runs").exists()
+
+
+def _fit_tiny(*args) -> list[str]:
+    return ["fit", *args, "--data.init_args.image_size", "32", "--data.init_args.val_resize", "36",
+            "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_every_run_of_a_recipe_has_its_own_folder_and_a_failed_run_deletes_nothing(in_tmp):
+    """Re-running a recipe in its folder, or a run that stops in set-up, leaves every earlier run's logs,
+    checkpoints and config as they were; the recipe folder's last.ckpt follows the newest run."""
+    recipe = ["--config", CONFIGS / "quickstart/classification.yaml"]
+    run_cli(_fit_tiny(*recipe))
+    runs = in_tmp / "runs" / "quickstart" / "classification"
+    first = _files(runs / "version_0")
+    assert {"metrics.csv", "config.yaml", "checkpoints/last.ckpt"} <= set(first)
+    with pytest.raises(Exception, match="no_such_folder"):  # a typo in the data folder: stops in set-up
+        run_cli(_fit_tiny(*recipe, "--data.init_args.root", in_tmp / "no_such_folder",
+                          "--data.init_args.quickstart", "false"))
+    assert _files(runs / "version_0") == first
+    second = run_cli(_fit_tiny(*recipe))
+    newest = Path(second.trainer.log_dir).absolute()
+    assert newest.parent == runs and newest.name.startswith("version_") and newest.name != "version_0"
+    assert _files(runs / "version_0") == first
+    assert (runs / "last.ckpt").resolve() == (newest / "checkpoints" / "last.ckpt").resolve()
+
+
+def test_the_composed_recipe_writes_each_run_in_one_folder(in_tmp):
+    """CSV and TensorBoard logs, checkpoints and config.yaml of one run share one version folder (Lightning's
+    loggers would each take their own next version), and the next run takes the next one."""
+    from datamodules.quickstart import write_classification
+
+    data = write_classification(in_tmp / "imagenet")
+    composed = [arg for part in ("backbone/fishnet_tiny.yaml", "task/classification.yaml", "data/imagenet.yaml",
+                                 "trainer/default.yaml", "trainer/cpu.yaml") for arg in ("--config", CONFIGS / part)]
+    for version in (0, 1):
+        cli = run_cli(_fit_tiny(*composed, "--data.init_args.root", data, "--data.init_args.batch_size", "4",
+                                "--trainer.precision", "32-true"))
+        run = in_tmp / "runs" / "imagenet" / f"version_{version}"
+        assert Path(cli.trainer.log_dir).absolute() == run
+        assert sorted(p.name for p in (in_tmp / "runs" / "imagenet").glob("version_*")) == [
+            f"version_{v}" for v in range(version + 1)]
+        assert (run / "metrics.csv").is_file() and list(run.glob("events.out.tfevents.*"))
+        assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()

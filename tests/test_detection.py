@@ -9,19 +9,23 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 
 from datamodules.coco import COCODataModule
+from datamodules.quickstart_detection import write_detection
 from fishnet_pl import DetectionHead, FishNetModule, SegmentationHead
+from fishnet_pl.callbacks import DetectionPredictionWriter
 from fishnet_pl.metrics import coco_evaluate, write_coco_results
 from fishnet_pl.models.weights import CKPT_BACKBONE_KEY
 from fishnet_pl.tasks.detection import TimmBackboneWithFPN
 
-from .conftest import CONFIGS, csv_logger, predict_from_checkpoint_alone, run_cli, validation_metrics
+from .conftest import CONFIGS, csv_logger, predict_from_checkpoint_alone, run_checkpoint, run_cli, validation_metrics
 
 QUICKSTART = CONFIGS / "quickstart" / "detection.yaml"
 SMALL_HEAD = {"fpn_channels": 32, "anchor_sizes": (16, 32, 64, 128, 256), "min_size": 128, "max_size": 192,
@@ -97,6 +101,40 @@ def test_a_resnet18_detector_trains_one_step_and_detects(detector):
     assert {"boxes", "labels", "scores"} <= set(out) and ("masks" in out) == (detector == "maskrcnn")
 
 
+@torch.no_grad()
+def test_predict_keeps_only_detections_scoring_at_least_predict_score_thresh():
+    torch.manual_seed(0)
+    model = FishNetModule(head=DetectionHead(**{**SMALL_HEAD, "box_score_thresh": 0.0}), backbone="fishnet_tiny",
+                          num_classes=3).eval()
+    image = torch.rand(3, 96, 128)
+    (out,) = model([image])
+    model.head.predict_score_thresh = thresh = out["scores"].median().item()
+    kept = out["scores"] >= thresh
+    assert 0 < kept.sum() < len(kept)  # an untrained detector: scores on both sides of the median
+    (record,) = model.predict_step({"images": [image], "paths": ["a.jpg"]}, 0)
+    torch.testing.assert_close(record["scores"], out["scores"][kept])
+    torch.testing.assert_close(record["boxes"], out["boxes"][kept])
+    assert len(record["labels"]) == len(record["masks"]) == int(kept.sum())
+
+
+def test_drawn_labels_and_lines_grow_with_the_image(tmp_path):
+    """A 4000 x 6000 photo gets labels and box lines it can show, not the 11-pixel text of a 400 x 600 one."""
+    head = DetectionHead()
+    head.class_names = ["circle", "square", "triangle"]
+    colour = DetectionPredictionWriter.PALETTE[1]
+    tag_rows, line_px = {}, {}
+    for short in (400, 4000):
+        h, w = short, short * 3 // 2
+        record = {"path": f"photo{short}.jpg", "image": torch.zeros(3, h, w, dtype=torch.uint8),
+                  "boxes": torch.tensor([[0.2 * w, 0.5 * h, 0.8 * w, 0.9 * h]]), "labels": torch.tensor([1]),
+                  "scores": torch.tensor([0.93])}
+        DetectionPredictionWriter().write([record], tmp_path, None, head, first=True)
+        coloured = np.all(np.asarray(Image.open(tmp_path / f"photo{short}.jpg.png")) == colour, axis=-1)
+        tag_rows[short] = int(coloured[: h // 2].any(axis=1).sum())  # the label's tag, above the box
+        line_px[short] = int(coloured[int(0.7 * h)].sum()) // 2  # the box's left and right lines
+    assert tag_rows[4000] > 5 * tag_rows[400] > 0 and line_px[4000] > 5 * line_px[400] > 0
+
+
 def test_mask_rcnn_refuses_targets_without_masks():
     batch = toy_batch()
     del batch["targets"][0]["masks"]
@@ -155,8 +193,7 @@ def test_evaluation_matches_pycocotools_on_the_annotation_file_and_writes_a_load
     """Perfect detections, passed through the head's evaluation records, score AP 1 (crowds ignored,
     labels mapped back to COCO's non-contiguous ids), exactly as pycocotools scores the written file
     against the original annotation file."""
-    dm = COCODataModule(tmp_path / "coco", quickstart=True, num_workers=0)
-    dm.prepare_data()
+    dm = COCODataModule(write_detection(tmp_path / "coco"), num_workers=0)
     dm.setup("validate")
     head = DetectionHead(**SMALL_HEAD)
     head.build("fishnet_tiny", dm.num_classes, 3)
@@ -200,7 +237,8 @@ def test_quickstart_reaches_a_box_and_mask_ap_well_above_zero(quickstart):
     metrics = cli.trainer.callback_metrics
     # From scratch in 12 short epochs the quickstart reaches about 0.3 (box and mask); chance is 0.
     assert metrics["val/bbox_ap"] > 0.15 and metrics["val/segm_ap"] > 0.15, dict(metrics)
-    run_dir = cwd / "runs" / "quickstart" / "detection"
+    run_dir = cwd / cli.trainer.log_dir
+    assert run_dir.parent == cwd / "runs" / "quickstart" / "detection"
     assert any(p.name.startswith("epoch") and "val_bbox_ap=" in p.name for p in (run_dir / "checkpoints").iterdir())
     results = run_dir / "val_detections.json"
     stats = _evaluate_file(cwd / cli.datamodule.val_annotation_file, results, "bbox")  # root may be relative
@@ -209,7 +247,7 @@ def test_quickstart_reaches_a_box_and_mask_ap_well_above_zero(quickstart):
 
 def test_validation_on_three_processes_gives_the_one_process_metrics(quickstart):
     _, cwd = quickstart
-    ckpt = cwd / "runs" / "quickstart" / "detection" / "checkpoints" / "last.ckpt"
+    ckpt = run_checkpoint(cwd / "runs" / "quickstart" / "detection")
     # 10 val images on 3 processes: the distributed sampler repeats 2 to give each 4. One image per
     # batch, since torchvision pads a batch to its largest image, which moves the detections slightly.
     args = ["--config", QUICKSTART, "--ckpt_path", ckpt, "--data.init_args.batch_size", "1"]
@@ -220,7 +258,7 @@ def test_validation_on_three_processes_gives_the_one_process_metrics(quickstart)
 
 def test_predict_draws_detections_and_writes_them_as_json(quickstart, tmp_path):
     _, cwd = quickstart
-    ckpt = cwd / "runs" / "quickstart" / "detection" / "checkpoints" / "last.ckpt"
+    ckpt = run_checkpoint(cwd / "runs" / "quickstart" / "detection")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
         run_cli(["predict", "--config", QUICKSTART, "--ckpt_path", ckpt, "--predict_dir", tmp_path,
@@ -231,17 +269,20 @@ def test_predict_draws_detections_and_writes_them_as_json(quickstart, tmp_path):
     detections = [d for line in lines for d in line["detections"]]
     assert detections and {d["name"] for d in detections} <= {"circle", "square", "triangle"}
     assert all({"bbox", "score", "category_id", "segmentation"} <= set(d) for d in detections)
+    # Only what the drawings show: no pile of low-score detections (evaluation keeps those, down to 0.05).
+    assert min(d["score"] for d in detections) >= DetectionHead().predict_score_thresh
+    assert all((cwd / line["file"]).is_file() and line["file"].endswith(line["path"]) for line in lines)
 
     # The checkpoint alone predicts a user's folder as the config did the val images (names, COCO ids);
     # one image per batch in both, since torchvision pads a batch to its largest image.
     some = lines[:3]
-    out, unreadable = predict_from_checkpoint_alone(ckpt, [cwd / line["path"] for line in some], tmp_path / "alone",
-                                                    "--data.init_args.batch_size", "1")
-    alone = {Path(line["path"]).name: line
-             for line in map(json.loads, (out / "detections.jsonl").read_text().splitlines())}
-    assert sorted(alone) == sorted([Path(line["path"]).name for line in some] + ["cmyk.JPG", "gray.jpg", "p.png"])
+    out, unreadable, readable = predict_from_checkpoint_alone(ckpt, [cwd / line["file"] for line in some],
+                                                              tmp_path / "alone", "--data.init_args.batch_size", "1")
+    alone = {line["path"]: line for line in map(json.loads, (out / "detections.jsonl").read_text().splitlines())}
+    assert sorted(alone) == readable  # same-named images in two folders, gray.jpg and gray.png: each its own
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [f"{r}.png" for r in readable]
     for line in some:
-        mine, theirs = alone[Path(line["path"]).name]["detections"], line["detections"]
+        mine, theirs = alone[f"nested/{Path(line['file']).name}"]["detections"], line["detections"]
         assert [(d["name"], d["category_id"]) for d in mine] == [(d["name"], d["category_id"]) for d in theirs]
         assert [v for d in mine for v in d["bbox"]] == pytest.approx([v for d in theirs for v in d["bbox"]], abs=0.05)
     assert all((out / line["drawn"]).is_file() for line in alone.values())
@@ -254,7 +295,7 @@ def test_a_coco_format_set_with_its_own_category_ids_is_evaluated_and_written_in
     quickstart's model on it through the CLI logs what pycocotools gives for the results file, which is in
     the set's own ids."""
     _, cwd = quickstart
-    ckpt = cwd / "runs" / "quickstart" / "detection" / "checkpoints" / "last.ckpt"
+    ckpt = run_checkpoint(cwd / "runs" / "quickstart" / "detection")
     mine = tmp_path / "my_set"
     shutil.copytree(cwd / "data" / "quickstart" / "coco", mine)
     new_id, name = {1: 12, 3: 40, 7: 101}, {12: "ring", 40: "tile", 101: "wedge"}

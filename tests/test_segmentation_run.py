@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from datamodules.cityscapes import PALETTE
+from datamodules.quickstart_segmentation import write_cityscapes
 from fishnet_pl import FishNetModule, SegmentationHead
 
 from .conftest import (
@@ -18,13 +19,14 @@ from .conftest import (
     assert_same_final_weights,
     csv_logger,
     predict_from_checkpoint_alone,
+    run_checkpoint,
     run_cli,
     run_cli_subprocess,
     validation_metrics,
 )
 
 QUICKSTART = CONFIGS / "quickstart" / "segmentation.yaml"
-CLASSIFICATION_CKPT = "runs/quickstart/classification/checkpoints/last.ckpt"
+CLASSIFICATION_CKPT = "runs/quickstart/classification/last.ckpt"  # the link the config reads
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +60,14 @@ def test_quickstart_reaches_an_miou_well_above_chance(quickstart):
     # 7 classes on the quickstart images: a constant guess (road) scores an mIoU near 0.05.
     assert metrics["val/miou"] > 0.4, dict(metrics)
     assert {"val/iou_road", "val/iou_sky", "val/iou_car", "val/iou_person"} <= set(metrics)
+    # The progress bar shows the headline numbers; per-class IoU goes to the loggers only.
+    shown = set(cli.trainer.progress_bar_metrics)
+    assert {"train/loss", "val/miou"} <= shown and not any(name.startswith("val/iou_") for name in shown), shown
 
 
 def test_validation_on_three_processes_gives_the_one_process_metrics(quickstart):
     _, cwd = quickstart
-    ckpt = cwd / "runs" / "quickstart" / "segmentation" / "checkpoints" / "last.ckpt"
+    ckpt = run_checkpoint(cwd / "runs" / "quickstart" / "segmentation")
     # 8 val images on 3 processes: the distributed sampler repeats 1 to give each 3.
     args = ["--config", QUICKSTART, "--ckpt_path", ckpt, "--data.init_args.val_batch_size", "2"]
     one, three = (validation_metrics(args, cwd, devices) for devices in (1, 3))
@@ -72,16 +77,18 @@ def test_validation_on_three_processes_gives_the_one_process_metrics(quickstart)
 
 def test_predict_writes_a_cityscapes_colour_mask_and_an_overlay_per_image(quickstart, tmp_path):
     cli, cwd = quickstart
-    ckpt = cwd / "runs" / "quickstart" / "segmentation" / "checkpoints" / "last.ckpt"
+    ckpt = run_checkpoint(cwd / "runs" / "quickstart" / "segmentation")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
         run_cli(["predict", "--config", QUICKSTART, "--ckpt_path", ckpt, "--predict_dir", tmp_path,
                  "--trainer.enable_progress_bar", "false"])
     images = sorted((cwd / "data/quickstart/cityscapes/leftImg8bit/test").rglob("*_leftImg8bit.png"))
     assert images
-    for image in images:
-        mask, overlay = (Image.open(tmp_path / f"{image.stem}_{kind}.png") for kind in ("mask", "overlay"))
-        assert mask.mode == "P" and mask.size == overlay.size == Image.open(image).size  # 240x120, unpadded
+    for image in images:  # named by their paths under the dataset root, as the test split lays them out
+        name = tmp_path / image.relative_to(cli.datamodule.root)
+        mask, overlay = (Image.open(f"{name}.{kind}.png") for kind in ("mask", "overlay"))
+        assert mask.mode == "P" and mask.size == Image.open(image).size  # 240x120, unpadded
+        assert overlay.width == mask.width and overlay.height > mask.height  # the legend below the image
         labels = np.asarray(mask)
         assert labels.max() < 19
         colours = np.asarray(mask.convert("RGB"))
@@ -89,21 +96,24 @@ def test_predict_writes_a_cityscapes_colour_mask_and_an_overlay_per_image(quicks
 
     # The checkpoint alone predicts a user's folder as the config did the test images (scale, palette),
     # one image per step: each keeps its own size.
-    out, unreadable = predict_from_checkpoint_alone(ckpt, images[:2], tmp_path / "alone")
-    assert sorted(p.name for p in out.glob("*_mask.png")) == sorted(
-        f"{stem}_mask.png" for stem in [image.stem for image in images[:2]] + ["cmyk", "gray", "p"])
+    out, unreadable, readable = predict_from_checkpoint_alone(ckpt, images[:2], tmp_path / "alone")
+    # Same-named images in two folders, gray.jpg and gray.png: each its own files.
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(
+        f"{r}.{kind}.png" for r in readable for kind in ("mask", "overlay"))
     for image in images[:2]:
-        mine, theirs = (Image.open(folder / f"{image.stem}_mask.png") for folder in (out, tmp_path))
+        mine = Image.open(out / "nested" / f"{image.name}.mask.png")
+        theirs = Image.open(tmp_path / f"{image.relative_to(cli.datamodule.root)}.mask.png")
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
         assert mine.getpalette() == theirs.getpalette()
-    assert Image.open(out / "cmyk_mask.png").size == (33, 81)  # any size, cropped back from the padded input
+    assert Image.open(out / "nested" / "cmyk.JPG.mask.png").size == (33, 81)  # any size, cropped back from the padding
     assert (out / "unreadable.txt").read_text().splitlines() == unreadable
 
 
 def test_backbone_can_stay_frozen_for_the_first_epochs(classification_quickstart_dir, tmp_path):
     cwd = classification_quickstart_dir
+    data = write_cityscapes(cwd / "data/quickstart/cityscapes")  # not in the working directory: written here
     args = ["fit", "--config", QUICKSTART, "--model.backbone_weights", cwd / CLASSIFICATION_CKPT,
-            "--data.init_args.root", cwd / "data/quickstart/cityscapes", "--data.init_args.num_workers", "0",
+            "--data.init_args.root", data, "--data.init_args.num_workers", "0",
             "--model.frozen_stages", "11", "--model.unfreeze_at_epoch", "1", "--trainer.limit_train_batches", "1",
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
             *csv_logger(tmp_path / "frozen")]
@@ -119,9 +129,9 @@ def test_run_killed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(in_t
     # SIGKILL after the mid-epoch checkpoint of step 4 (epoch 1), data loaded in this process (loading workers:
     # tests/test_classification_run.py): the resumed run continues the shuffling and the random scale, crop, flip
     # and colour jitter of image and mask where they stood, and ends with the uninterrupted run's weights.
-    args = ["fit", "--config", QUICKSTART, "--model.backbone_weights", "null", "--data.init_args.root", in_tmp / "data",
-            "--data.init_args.num_workers", "0", "--data.init_args.crop_size", "[64, 128]",
-            "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1", "--trainer.max_epochs", "2",
+    args = ["fit", "--config", QUICKSTART, "--model.backbone_weights", "null", "--data.init_args.num_workers", "0",
+            "--data.init_args.crop_size", "[64, 128]", "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "1", "--trainer.max_epochs", "2",
             "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=fishnet_pl.callbacks.LastCheckpoint",
             "--trainer.callbacks.every_n_train_steps=2"]
     run_cli([*args, *csv_logger("a")])

@@ -9,7 +9,7 @@ import torch
 from fishnet_pl import FishNetModule, SegmentationHead
 from fishnet_pl.cli import build_cli
 
-from .conftest import CONFIGS, run_cli
+from .conftest import CONFIGS, run_checkpoint, run_cli
 
 
 def quickstart(task: str, *extra: str):
@@ -21,7 +21,7 @@ def quickstart(task: str, *extra: str):
 def test_every_quickstart_runs_on_resnet18(in_tmp):
     classification = quickstart("classification")
     assert math.isfinite(classification.trainer.callback_metrics["val/acc1"])
-    last = in_tmp / "runs/quickstart/classification/checkpoints/last.ckpt"
+    last = run_checkpoint(in_tmp / "runs/quickstart/classification")
     assert last.is_file()
 
     # Segmentation fine-tunes from that checkpoint (the quickstart config names it): its encoder starts
@@ -36,7 +36,7 @@ def test_every_quickstart_runs_on_resnet18(in_tmp):
     detection = quickstart("detection")
     assert type(detection.model.backbone).__name__ == "FeatureListNet"
     assert math.isfinite(detection.trainer.callback_metrics["val/bbox_ap"])
-    ckpt = in_tmp / "runs/quickstart/detection/checkpoints/last.ckpt"
+    ckpt = run_checkpoint(in_tmp / "runs/quickstart/detection")
     assert FishNetModule.load_from_checkpoint(ckpt).hparams.backbone == "resnet18"
 
 

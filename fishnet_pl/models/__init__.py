@@ -17,3 +17,4 @@ from fishnet_pl.models.fuse import fuse_for_inference  # noqa: F401
 from fishnet_pl.models.official import load_official_weights  # noqa: F401
 from fishnet_pl.models.pretrained import resolve_weights, weight_names  # noqa: F401
 from fishnet_pl.models.registry import create_backbone, list_backbones  # noqa: F401
+from fishnet_pl.models.weights import load_backbone_weights  # noqa: F401
