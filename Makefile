@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench docs lint clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.backbones
+
+docs: $(STAMP)  # the docs site into site/ (open site/index.html); a broken link or reference fails it
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -28,13 +28,16 @@ MACHINE = ("trainer/default.yaml", "trainer/gpu8.yaml")
 # The data files of the recipes. The README composes others (ADE20K, VOC, your own folders) from parts only: those
 # runs have no one-file twin (tests/test_segmentation_folder.py resolves their compositions).
 RECIPE_DATA = {data for _, data in RECIPE_PARTS.values()}
+# Where the commands are: the front page and the guides of the docs site.
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def readme_fit_configs() -> list[list[str]]:
-    """The --config files (relative to configs/) of every ``fishnet-pl fit`` command in the README's bash blocks,
+    """The --config files (relative to configs/) of every ``fishnet-pl fit`` command in the DOCUMENTS' bash blocks,
     continuation lines joined and ``R="..."`` shorthands expanded; commands with a placeholder (...) skipped."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+    text = "\n".join(p.read_text() for p in DOCUMENTS)
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         shorthands = {}
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()

@@ -29,13 +29,15 @@ STAND_INS = "import runpy, torch; runpy.run_path('readme_block.py', {'images': t
 
 
 def python_blocks() -> list[tuple[str, str]]:
-    """(``file:line``, code) of every ```python block."""
-    blocks = []
+    """(``file:line``, code) of every ```python block; a block repeated word for word (the front page is both
+    README.md and docs/index.md) runs once."""
+    blocks = {}
     for path in DOCUMENTS:
         text = path.read_text()
         for match in re.finditer(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
-            blocks.append((f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, match.start()) + 1}", match.group(1)))
-    return blocks
+            where = f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, match.start()) + 1}"
+            blocks.setdefault(match.group(1), where)
+    return [(where, code) for code, where in blocks.items()]
 
 
 BLOCKS = python_blocks()
