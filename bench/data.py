@@ -110,7 +110,8 @@ def measure_shards(shards: str | None, seconds: float, tmp: Path) -> dict:
 
     from datamodules.common import read_rgb
     from datamodules.quickstart import write_classification
-    from datamodules.streaming import StreamingImageNetDataModule, convert_imagenet
+    from datamodules.streaming import StreamingImageNetDataModule
+    from datamodules.streaming_convert import convert_imagenet
 
     if shards is None:
         shards = str(tmp / "imagenet-shards")

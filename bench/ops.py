@@ -1,7 +1,7 @@
 """FishNet's resampling ops against torch's own modules, at FishNet-150's shapes: ``python -m bench.ops``.
 
 FishNet-150 down-samples with six 2x2 max-pools, up-samples three times (nearest, 2x) and sums channel pairs
-in three UR-blocks. ``fishnet_pl.models.fishnet`` gives each a faster path that computes the same values
+in three UR-blocks. ``fishnet_pl.models.architecture`` gives each a faster path that computes the same values
 (``MaxPool2x2``, ``Upsample2x``, ``channel_sum``; ``tests/models/test_fishnet.py`` checks equality, gradients
 included). This times both per op, summed over the network's calls at batch 8 and 224x224, without autograd
 (inference) and as forward + backward (training), in NCHW and channels_last.
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bench import machine_info, markdown_table
-from fishnet_pl.models.fishnet import MaxPool2x2, Upsample2x, channel_sum
+from fishnet_pl.models.architecture import MaxPool2x2, Upsample2x, channel_sum
 
 # Input shapes of FishNet-150's calls at 224x224 (batch first, set by --batch-size).
 POOL_SHAPES = [(128, 56, 56), (256, 28, 28), (512, 14, 14), (320, 56, 56), (832, 28, 28), (1600, 14, 14)]

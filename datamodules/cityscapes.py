@@ -3,7 +3,7 @@
 Images are ``leftImg8bit/<split>/<city>/<name>_leftImg8bit.png``; their fine labels are
 ``gtFine/<split>/<city>/<name>_gtFine_labelIds.png`` (the ``_color``, ``_instanceIds`` and
 ``_polygons.json`` files beside them are not read). Label ids 0..33 become train ids 0..18 through
-the cityscapesscripts table below, every other class becomes 255, the ignore index. Images come out
+the cityscapesscripts table (``cityscapes_labels``), every other class becomes 255, the ignore index. Images come out
 as float32 in [0, 1], not normalised: the model normalises with its backbone's timm ``pretrained_cfg``.
 """
 
@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.cityscapes_labels import CLASS_NAMES, LABEL_ID_TO_TRAIN_ID, LABELS, PALETTE
 from datamodules.common import DatasetError, is_quickstart_root, read_label_png, require_dir, use_quickstart_data
+from datamodules.quickstart_segmentation import write_cityscapes
 
 # Shared with every segmentation datamodule: Cityscapes differs only in how it finds pairs and maps label ids.
-from datamodules.segmentation_folder import (
-    IGNORE_INDEX,
+from datamodules.segmentation import (
     SegmentationDataModule,
     SegmentationDataset,
     check_augmentation,
@@ -28,53 +29,6 @@ from datamodules.segmentation_folder import (
 QUICKSTART_ROOT = "data/quickstart/cityscapes"  # the demo data's folder, as configs/quickstart/segmentation.yaml has it
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
-
-# cityscapesscripts' helpers/labels.py: (name, label id, train id, colour) for label ids 0..33.
-# ('license plate', id -1, is never written to the labelIds files: plates keep the car's id.)
-LABELS = (
-    ("unlabeled", 0, 255, (0, 0, 0)),
-    ("ego vehicle", 1, 255, (0, 0, 0)),
-    ("rectification border", 2, 255, (0, 0, 0)),
-    ("out of roi", 3, 255, (0, 0, 0)),
-    ("static", 4, 255, (0, 0, 0)),
-    ("dynamic", 5, 255, (111, 74, 0)),
-    ("ground", 6, 255, (81, 0, 81)),
-    ("road", 7, 0, (128, 64, 128)),
-    ("sidewalk", 8, 1, (244, 35, 232)),
-    ("parking", 9, 255, (250, 170, 160)),
-    ("rail track", 10, 255, (230, 150, 140)),
-    ("building", 11, 2, (70, 70, 70)),
-    ("wall", 12, 3, (102, 102, 156)),
-    ("fence", 13, 4, (190, 153, 153)),
-    ("guard rail", 14, 255, (180, 165, 180)),
-    ("bridge", 15, 255, (150, 100, 100)),
-    ("tunnel", 16, 255, (150, 120, 90)),
-    ("pole", 17, 5, (153, 153, 153)),
-    ("polegroup", 18, 255, (153, 153, 153)),
-    ("traffic light", 19, 6, (250, 170, 30)),
-    ("traffic sign", 20, 7, (220, 220, 0)),
-    ("vegetation", 21, 8, (107, 142, 35)),
-    ("terrain", 22, 9, (152, 251, 152)),
-    ("sky", 23, 10, (70, 130, 180)),
-    ("person", 24, 11, (220, 20, 60)),
-    ("rider", 25, 12, (255, 0, 0)),
-    ("car", 26, 13, (0, 0, 142)),
-    ("truck", 27, 14, (0, 0, 70)),
-    ("bus", 28, 15, (0, 60, 100)),
-    ("caravan", 29, 255, (0, 0, 90)),
-    ("trailer", 30, 255, (0, 0, 110)),
-    ("train", 31, 16, (0, 80, 100)),
-    ("motorcycle", 32, 17, (0, 0, 230)),
-    ("bicycle", 33, 18, (119, 11, 32)),
-)
-assert [label_id for _, label_id, _, _ in LABELS] == list(range(34))  # row = label id, for the lookup table
-
-# Index a labelIds array with it to get train ids (uint8: cv2 resizes it, ToTensorV2 keeps it compact).
-LABEL_ID_TO_TRAIN_ID = np.array([train_id for _, _, train_id, _ in LABELS], dtype=np.uint8)
-_TRAIN_LABELS = sorted((train_id, name, colour) for name, _, train_id, colour in LABELS if train_id != IGNORE_INDEX)
-CLASS_NAMES = tuple(name for _, name, _ in _TRAIN_LABELS)  # index = train id
-PALETTE = tuple(colour for _, _, colour in _TRAIN_LABELS)  # RGB per train id, the official colour coding
-
 
 def read_train_ids(path: str | os.PathLike) -> np.ndarray:
     """Decode a ``*_gtFine_labelIds.png`` as uint8 ``[H, W]`` train ids (0..18, 255 = ignore)."""
@@ -170,9 +124,6 @@ class CityscapesDataModule(SegmentationDataModule):
     def prepare_data(self) -> None:
         if self.quickstart and is_quickstart_root(self.root, QUICKSTART_ROOT, (self.root / "leftImg8bit").is_dir(),
                                                   f"leftImg8bit/ and gtFine/ with <split>/<city>/*{IMAGE_SUFFIX}"):
-            # Imported here: the writer uses this module's label table.
-            from datamodules.quickstart_segmentation import write_cityscapes
-
             use_quickstart_data(self.root, write_cityscapes)
 
     def samples(self, split: str, with_labels: bool = True) -> list[tuple[Path, Path | None]]:

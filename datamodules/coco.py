@@ -382,6 +382,8 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
         pin_memory: pin batches in page-locked memory for faster GPU copies.
     """
 
+    collate_fn = staticmethod(collate_detection)
+
     def __init__(self, root: str, train_split: str = "train2017", val_split: str = "val2017",
                  test_split: str = "val2017", batch_size: int = 2, num_workers: int = 4, with_masks: bool = True,
                  scale_range: tuple[float, float] = (0.8, 1.2), flip_prob: float = 0.5,
@@ -463,27 +465,9 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
                                              self.with_masks)
         return self._splits[split]
 
-    def _dataset(self, split: str) -> Dataset:
-        if split not in self.datasets:
-            raise RuntimeError(f"{split} data is not set up; call setup() with the matching stage first")
-        return self.datasets[split]
-
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return make_loader(dataset, collate_fn=collate_detection, num_workers=self.num_workers,
-                           pin_memory=self.pin_memory, **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = self._dataset("train")
-        if self.group_aspect_ratio:
+    def loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        if train and self.group_aspect_ratio:  # batches of wide or of tall images
             sampler = GroupedBatchSampler(ResumableRandomSampler(dataset), self.batch_size, True, dataset.group_ids)
-            return self._loader(dataset, batch_sampler=sampler)
-        return self._loader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("val"), batch_size=self.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("test"), batch_size=self.batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("predict"), batch_size=self.batch_size)
+            return make_loader(dataset, batch_sampler=sampler, collate_fn=collate_detection,
+                               num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return super().loader(dataset, train)

@@ -307,8 +307,57 @@ def require_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-class AugmentedDataModule(L.LightningDataModule):
-    """A datamodule whose ``datasets["train"]`` has a seeded albumentations ``transform``.
+class SplitLoaders:
+    """The four dataloader hooks of a datamodule, written once (a mixin before ``L.LightningDataModule``).
+
+    Each stage's loader serves the dataset that ``setup`` put in ``datasets`` under ``stage_splits[stage]``, built
+    by ``loader(dataset, train)``: ``make_loader`` with ``batch_size`` (``eval_batch_size`` outside training),
+    ``collate_fn``, ``num_workers`` and ``pin_memory``; training shuffles and drops the last partial batch. A
+    datamodule states only what differs: another ``stage_splits`` (ImageNet tests on its val split), a
+    ``collate_fn``, an ``eval_batch_size``, or its own ``loader`` (COCO's aspect-ratio batches, LitData's loader).
+    """
+
+    #: The ``datasets`` key each stage's loader reads.
+    stage_splits = {"train": "train", "val": "val", "test": "test", "predict": "predict"}
+    #: How items become a batch (None: torch's ``default_collate``); a function, as a ``staticmethod``.
+    collate_fn = None
+    datasets: dict
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Items per step in validation, test and predict."""
+        return self.batch_size
+
+    def loader(self, dataset: Dataset, train: bool):
+        """The loader of ``dataset``: for training (``train``) or evaluation and prediction."""
+        return make_loader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+                           drop_last=train, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                           collate_fn=self.collate_fn)
+
+    def _stage_loader(self, stage: str):
+        split = self.stage_splits[stage]
+        if split not in self.datasets:
+            raise RuntimeError(f"{split} data is not set up; call setup() with the matching stage first")
+        return self.loader(self.datasets[split], train=stage == "train")
+
+    def train_dataloader(self):
+        return self._stage_loader("train")
+
+    def val_dataloader(self):
+        return self._stage_loader("val")
+
+    def test_dataloader(self):
+        return self._stage_loader("test")
+
+    def predict_dataloader(self):
+        return self._stage_loader("predict")
+
+
+class AugmentedDataModule(SplitLoaders, L.LightningDataModule):
+    """A datamodule whose ``datasets["train"]`` has a seeded albumentations ``transform``, with ``SplitLoaders``.
 
     Checkpoints carry the main-process augmentation stream (what ``num_workers=0`` draws from), so a
     run resumed at an epoch boundary continues it; worker processes reseed from the run seed each epoch

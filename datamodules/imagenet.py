@@ -8,14 +8,12 @@ human names ("tench") come from ImageNet's ``LOC_synset_mapping.txt`` when it is
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 
 import albumentations as A
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader
 
 from datamodules.common import (
     AugmentedDataModule,
@@ -23,19 +21,16 @@ from datamodules.common import (
     DatasetError,
     find_images,
     is_quickstart_root,
-    make_loader,
     read_rgb,
     require_dir,
     use_quickstart_data,
 )
+from datamodules.imagenet_labels import SYNSET_MAPPING, synset_names
 from datamodules.quickstart import CLASSIFICATION_CLASSES, CLASSIFICATION_NAMES, write_classification
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 QUICKSTART_ROOT = "data/quickstart/imagenet"  # the demo data's folder, as configs/quickstart/classification.yaml has it
-# ImageNet's class names, one ``<wnid> <name>[, <synonym>...]`` line per class (in the Kaggle download, three
-# folders above the CLS-LOC folder that holds train/ and val/).
-SYNSET_MAPPING = "LOC_synset_mapping.txt"
 # AlexNet-style PCA lighting noise on [0, 1] RGB, the authors' augmentation (eigen-decomposition of ImageNet).
 PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
 PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
@@ -143,6 +138,8 @@ class ImageNetDataModule(AugmentedDataModule):
         predict_root: folder of images to predict (any layout, searched recursively); default: the val split.
     """
 
+    stage_splits = {**AugmentedDataModule.stage_splits, "test": "val"}  # no test labels: test evaluates val
+
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 4, image_size: int | None = None,
                  val_resize: int | None = None, val_ground_truth: str | None = None, quickstart: bool = False,
                  skip_unreadable: bool = False, pin_memory: bool = True, predict_root: str | None = None):
@@ -247,48 +244,6 @@ class ImageNetDataModule(AugmentedDataModule):
         if not samples:
             raise DatasetError(f"{folder}: no images")
         return samples
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.datasets:
-            raise RuntimeError(f"{split} data is not set up; call setup() with the matching stage first")
-        return make_loader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
-                           num_workers=self.num_workers, pin_memory=self.pin_memory)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)
-
-
-def synset_names(path: Path, wnids: list[str]) -> list[str]:
-    """The first name of each wnid in ``LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca`` -> "tench").
-
-    A name that two classes share (ImageNet's "crane" bird and machine) gets its wnid added, so every class
-    has its own; a wnid the file lacks keeps the wnid, with a warning naming the file.
-    """
-    names = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        wnid, _, synonyms = line.strip().partition(" ")
-        name = synonyms.split(",")[0].strip()
-        if not wnid:
-            continue
-        if not name:
-            raise DatasetError(f"{path}:{number}: expected '<wnid> <name>[, <other names>]', got {line!r}")
-        names[wnid] = name
-    missing = [wnid for wnid in wnids if wnid not in names]
-    if missing:
-        log.warning("%s names %d of the %d classes; the others keep their folder names (%s, ...)", path,
-                    len(wnids) - len(missing), len(wnids), missing[0])
-    chosen = [names.get(wnid, wnid) for wnid in wnids]
-    count = Counter(chosen)
-    return [f"{name} ({wnid})" if count[name] > 1 else name for wnid, name in zip(wnids, chosen)]
 
 
 def read_ground_truth(path: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ names, palette, COCO category ids). Any image file under ``DIR`` counts (nested 
 grayscale, CMYK, palette, any size); one that cannot be decoded is logged by name and skipped, the
 others are still predicted, and the prediction writers list the skipped files in ``unreadable.txt``.
 The writers mirror ``DIR``'s layout under ``OUT`` (``DIR/a/img.jpg`` -> ``OUT/a/img.jpg.png``, ...), from the
-``predict_root`` attribute here (``fishnet_pl.callbacks.prediction_path``).
+``predict_root`` attribute here (``fishnet_pl.writers.prediction_path``).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from datamodules.common import write_once
+from datamodules.imagenet_labels import SYNSET_MAPPING
 
 # Fake WordNet ids (the class folders), one per shape; sorted order = label order.
 CLASSIFICATION_CLASSES = ("n00000001", "n00000002", "n00000003", "n00000004")
@@ -30,21 +31,15 @@ def write_classification(root: str | os.PathLike) -> Path:
     renamed, so another process never sees half a dataset.
     """
     root = write_once(root, _complete, _write, "quickstart classification data")
-    if not (root / _synset_mapping()).is_file():  # a quickstart folder written before the names were
+    if not (root / SYNSET_MAPPING).is_file():  # a quickstart folder written before the names were
         _write_mapping(root)
     return root
 
 
-def _synset_mapping() -> str:
-    from datamodules.imagenet import SYNSET_MAPPING  # here, not on top: imagenet imports this module
-
-    return SYNSET_MAPPING
-
-
 def _write_mapping(root: Path) -> None:
-    tmp = root / f".{_synset_mapping()}.{os.getpid()}"
+    tmp = root / f".{SYNSET_MAPPING}.{os.getpid()}"
     tmp.write_text("".join(f"{wnid} {name}\n" for wnid, name in zip(CLASSIFICATION_CLASSES, CLASSIFICATION_NAMES)))
-    tmp.replace(root / _synset_mapping())  # atomic: a reader sees the whole file or none
+    tmp.replace(root / SYNSET_MAPPING)  # atomic: a reader sees the whole file or none
 
 
 def _write(tmp: Path) -> None:

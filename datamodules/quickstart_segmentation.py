@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datamodules.cityscapes import LABELS
+from datamodules.cityscapes_labels import LABELS
 from datamodules.common import write_once
 
 _SPLITS = {"train": (("aachen", 16), ("bochum", 16)), "val": (("frankfurt", 8),), "test": (("berlin", 4),)}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fishnet_pl.models.weights import CKPT_BACKBONE_KEY
+from fishnet_pl.checkpoint import CKPT_BACKBONE_KEY
 
 from .conftest import csv_logger, run_cli
 from .test_classification_run import mid_epoch_checkpoints, small_run
@@ -44,8 +44,8 @@ def _write_checkpoint(path, kind: str) -> None:
 
 
 @pytest.mark.parametrize(("kind", "message"), [
-    ("truncated", "cannot be read as a PyTorch checkpoint; the file is truncated"),
-    ("text", "cannot be read as a PyTorch checkpoint"),
+    ("truncated", "not a readable PyTorch checkpoint; the file is truncated"),
+    ("text", "not a readable PyTorch checkpoint"),
     ("foreign", "a Lightning checkpoint, but not one of fishnet-pl's"),
     ("weights_only", "holds the weights only (no optimizer_states or loops), not the training state"),
 ])

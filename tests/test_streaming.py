@@ -14,7 +14,8 @@ import yaml
 from datamodules.common import DatasetError
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.quickstart import write_classification
-from datamodules.streaming import StreamingImageNetDataModule, convert_imagenet, main
+from datamodules.streaming import StreamingImageNetDataModule
+from datamodules.streaming_convert import convert_imagenet, main
 
 from .conftest import CONFIGS, csv_logger, run_cli
 
@@ -183,7 +184,7 @@ def test_the_readmes_streaming_composition_resolves(capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["data"]["class_path"] == "datamodules.streaming.StreamingImageNetDataModule"
     assert config["data"]["init_args"]["batch_size"] == 32 and config["model"]["backbone"] == "fishnet150"
-    assert "--config configs/data/imagenet_streaming.yaml" in (CONFIGS.parent / "README.md").read_text()
+    assert "--config configs/data/imagenet_streaming.yaml" in (CONFIGS.parent / "docs/training.md").read_text()
 
 
 def test_convert_names_an_unreadable_image_or_skips_it_and_keeps_to_its_own_folder(tmp_path):

@@ -13,7 +13,8 @@ import yaml
 from datamodules.coco import COCODataModule
 from datamodules.common import DatasetError
 from datamodules.quickstart_detection import write_detection
-from datamodules.streaming import StreamingCOCODataModule, StreamingImageNetDataModule, main
+from datamodules.streaming import StreamingCOCODataModule, StreamingImageNetDataModule
+from datamodules.streaming_convert import main
 
 from .conftest import CONFIGS, csv_logger, run_cli
 
@@ -149,4 +150,4 @@ def test_the_streaming_data_file_composes_with_the_detection_recipe_files(capsys
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["data"]["class_path"] == "datamodules.streaming.StreamingCOCODataModule"
     assert config["data"]["init_args"]["with_masks"] and config["data"]["init_args"]["scale_range"] == [1.0, 1.0]
-    assert "--config configs/data/coco_streaming.yaml" in (CONFIGS.parent / "README.md").read_text()
+    assert "--config configs/data/coco_streaming.yaml" in (CONFIGS.parent / "docs/training.md").read_text()

@@ -1,10 +1,8 @@
 """The FishNet family as timm models, and backbones by name. Importing this registers FishNet in timm;
 it imports neither Lightning nor the task and data code."""
 
+from fishnet_pl.models.architecture import STAGE_NAMES, FishNet, FishNetConfig  # noqa: F401
 from fishnet_pl.models.fishnet import (  # noqa: F401  (importing registers the variants in timm)
-    STAGE_NAMES,
-    FishNet,
-    FishNetConfig,
     fishnet99,
     fishnet150,
     fishnet201,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from fishnet_pl.models.fishnet import Bottleneck
+from fishnet_pl.models.architecture import Bottleneck
 
 
 def fuse_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:

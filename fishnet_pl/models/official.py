@@ -16,7 +16,8 @@ from typing import NamedTuple
 import torch
 from timm.models import adapt_input_conv
 
-from fishnet_pl.models.fishnet import VARIANT_CONFIGS, FishNet, FishNetConfig
+from fishnet_pl.checkpoint import read_state_dict
+from fishnet_pl.models.architecture import VARIANT_CONFIGS, FishNet, FishNetConfig
 
 # (our name pattern, the authors' name); the authors' fish.fish.<i> index stages 0..9.
 _RENAMES = [
@@ -59,20 +60,6 @@ def official_state_dict_shapes(model: FishNet) -> dict[str, torch.Size]:
     return {official_name(k): v.shape for k, v in model.state_dict().items()}
 
 
-def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping) -> dict[str, torch.Tensor]:
-    """A state dict from a path or mapping: ``{'state_dict': ...}`` unwrapped, ``module.`` stripped."""
-    source = path_or_state_dict
-    if isinstance(source, (str, os.PathLike)):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"{source}: checkpoint file does not exist")
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    if isinstance(source, Mapping) and isinstance(source.get("state_dict"), Mapping):
-        source = source["state_dict"]
-    if not isinstance(source, Mapping) or not all(isinstance(v, torch.Tensor) for v in source.values()):
-        raise ValueError(f"{path_or_state_dict!s:.200}: not a state dict or a checkpoint holding one")
-    return {k.removeprefix("module."): v for k, v in source.items()}
-
-
 def load_official_weights(model: FishNet, path_or_state_dict: str | os.PathLike | Mapping, *,
                           drop_classifier: bool = False) -> LoadReport:
     """Load an official FishNet checkpoint into ``model`` and return what was loaded and dropped.
@@ -85,7 +72,7 @@ def load_official_weights(model: FishNet, path_or_state_dict: str | os.PathLike 
     initialisation (a new classifier). If ``in_chans`` is not 3, the stem's first convolution is
     adapted (timm's ``adapt_input_conv``) so pretrained inputs keep their scale.
     """
-    state = read_checkpoint(path_or_state_dict)
+    state = read_state_dict(path_or_state_dict)
     ours = model.state_dict()
     wanted = {official_name(k): k for k in ours}
     full = {official_name(k) for k in _full_layout(model.cfg)}
@@ -117,7 +104,7 @@ def to_our_layout(state: Mapping, cfg: FishNetConfig) -> dict[str, torch.Tensor]
     """The authors' state dict with our key names (timm's ``pretrained_filter_fn`` for FishNet).
     Shapes are checked by whoever loads it; a key with no counterpart is refused here."""
     names = {official_name(k): k for k in _full_layout(cfg)}
-    state = read_checkpoint(state)
+    state = read_state_dict(state)
     unknown = [k for k in state if k not in names]
     if unknown:
         raise ValueError(f"not a FishNet checkpoint of this layout: {len(unknown)} keys unknown, e.g. {unknown[:5]}")

@@ -1,7 +1,7 @@
 """The authors' released FishNet weights by name: ``fishnet99``, ``fishnet150`` (= ``fishnet150.in1k``),
 ``fishnet150.welltrained_in1k``, ``fishnet201`` (= ``fishnet201.welltrained_in1k``); ``weight_names()`` lists them.
 
-Each name is a timm pretrained tag whose ``pretrained_cfg["url"]`` is the authors' file (``fishnet.py``). The file
+Each name is a timm pretrained tag whose ``pretrained_cfg["url"]`` is the authors' file (``RELEASED``). The file
 is downloaded once into torch's hub cache (``torch.hub.get_dir()/checkpoints``, i.e. ``$TORCH_HOME/hub/checkpoints``),
 under the file name of its URL, and checked before every use: its sha256 where ``FILE_SHA256`` records one, and
 always its key layout and every shape against the variant. A file put at that path by hand is used without any
@@ -23,10 +23,36 @@ import timm
 import torch
 from timm.models import PretrainedCfg, get_pretrained_cfg, resolve_pretrained_cfg
 
-from fishnet_pl.models.fishnet import FILE_SHA256, VARIANT_CONFIGS
-from fishnet_pl.models.official import _full_layout, read_checkpoint, to_our_layout
+from fishnet_pl.checkpoint import read_state_dict
+from fishnet_pl.models.architecture import VARIANT_CONFIGS
+from fishnet_pl.models.official import _full_layout, to_our_layout
 
 log = logging.getLogger(__name__)
+
+# The authors' released ImageNet-1k classifiers (the "Models" tables of github.com/kevin-ssy/FishNet's README) as
+# timm tags, which ``fishnet.py`` registers; a variant's first tag is its default (``fishnet150``: ``fishnet150.in1k``).
+# Their Dropbox share links serve the file itself with ``dl=1``; this module downloads, checks and caches them.
+# FishNet-201 was released only "well-trained" (its plain row still reads "Available Soon"). Top-1 / top-5 are the
+# authors' (224 centre crop).
+_DROPBOX = "https://www.dropbox.com/s/"
+RELEASED = {
+    "fishnet99.in1k": dict(
+        url=_DROPBOX + "hvojbdsad5ue7yb/fishnet99_ckpt.tar?dl=1", description="trained without tricks: 77.41 / 93.59",
+        notes=("Baidu Yun mirror: https://pan.baidu.com/s/11U3sRod1VfbDBRbmXph6KA",)),
+    "fishnet150.in1k": dict(
+        url=_DROPBOX + "hjadcef18ln3o2v/fishnet150_ckpt.tar?dl=1", description="trained without tricks: 78.14 / 93.95",
+        notes=("Baidu Yun mirror: https://pan.baidu.com/s/1uOEFsBHIdqpDLrbfCZJGUg",)),
+    "fishnet150.welltrained_in1k": dict(
+        url=_DROPBOX + "ajy9p6f97y45f1r/fishnet150_ckpt_welltrained.tar?dl=1",
+        description="cosine LR, 200 epochs, label smoothing: 79.35 / 94.75",
+        notes=("Baidu Yun mirror: https://pan.baidu.com/s/1pt31cp-xGcsRJKZAPcp4yQ",)),
+    "fishnet201.welltrained_in1k": dict(
+        url=_DROPBOX + "kvz2dmxe3fzn10m/fishnet201_ckpt_welltrain.tar?dl=1",
+        description="cosine LR, 200 epochs, label smoothing: 79.71 / 94.79"),
+}
+# sha256 of each released file, checked before every use once recorded here. None: not recorded yet (the layout and
+# every shape are checked anyway); write in the digest of a file downloaded from the URL above.
+FILE_SHA256: dict[str, str | None] = dict.fromkeys(RELEASED)
 
 
 def weight_names() -> list[str]:
@@ -125,9 +151,9 @@ def _problem(file: Path, cfg: PretrainedCfg, tag: str) -> str | None:
         if digest != expected.lower():
             return f"its sha256 is {digest}, the released file's is {expected} (an incomplete, altered or other file)"
     try:
-        state = read_checkpoint(file)
-    except Exception as err:  # truncated (zip or pickle), an HTML error page, ...: torch.load says which
-        return f"not a readable PyTorch checkpoint ({type(err).__name__}: {str(err)[:200]})"
+        state = read_state_dict(file)
+    except ValueError as err:  # truncated (zip or pickle), an HTML error page, ...: the reader says which
+        return str(err).removeprefix(f"{file}: ")
     arch_cfg = VARIANT_CONFIGS[cfg.architecture]
     try:
         state = to_our_layout(state, arch_cfg)

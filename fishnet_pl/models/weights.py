@@ -24,19 +24,12 @@ from timm.models._features import _module_list
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fishnet_pl.models.fishnet import FishNet
-from fishnet_pl.models.official import is_official_layout, read_checkpoint, to_our_layout
+from fishnet_pl.checkpoint import read_weights
+from fishnet_pl.models.architecture import FishNet
+from fishnet_pl.models.official import is_official_layout, to_our_layout
 from fishnet_pl.models.pretrained import resolve_weights
 
 log = logging.getLogger(__name__)
-
-#: Key under which our Lightning checkpoints record where the backbone sits in the task network.
-CKPT_BACKBONE_KEY = "fishnet_pl_backbone"
-#: Key under which they store the datamodule's class names (absent when it had none).
-CKPT_CLASS_NAMES_KEY = "fishnet_pl_class_names"
-#: Key under which they store how to prepare images to predict (``datamodules.predict.PredictFolderDataModule``'s
-#: arguments: the datamodule's ``predict_config``, ``palette``, ``label_to_category_id``).
-CKPT_PREDICT_DATA_KEY = "fishnet_pl_predict_data"
 
 
 @functools.cache
@@ -78,30 +71,7 @@ def read_backbone_weights(path: str | os.PathLike, name: str, needed: set[str] |
     nothing foreign; the classifier itself (``pretrained_cfg["classifier"]``) may be absent or of another
     size, and the stem's first convolution may have other input channels.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: backbone weights file does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
-
-    if isinstance(ckpt, Mapping) and CKPT_BACKBONE_KEY in ckpt:  # one of ours, any task
-        info = ckpt[CKPT_BACKBONE_KEY]
-        if info["name"] != name:
-            raise ValueError(f"{path}: its backbone is {info['name']!r}, not {name!r}; use --model.backbone "
-                             f"{info['name']} or another weights file")
-        prefix = info["prefix"]
-        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    else:
-        for wrapper in ("state_dict", "model", "state_dict_ema"):  # torchvision / timm / other trainers
-            if isinstance(ckpt, Mapping) and isinstance(ckpt.get(wrapper), Mapping):
-                ckpt = ckpt[wrapper]
-                break
-        try:
-            state = read_checkpoint(ckpt)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-
+    state = read_weights(path, name)  # our checkpoints' backbone, or the file's state dict
     classifier = _classifier(name)
     if isinstance(classifier, FishNet) and is_official_layout(state):
         try:

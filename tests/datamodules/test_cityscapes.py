@@ -12,14 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
-from datamodules.cityscapes import (
-    CLASS_NAMES,
-    LABEL_ID_TO_TRAIN_ID,
-    PALETTE,
-    QUICKSTART_ROOT,
-    CityscapesDataModule,
-    read_train_ids,
-)
+from datamodules.cityscapes import QUICKSTART_ROOT, CityscapesDataModule, read_train_ids
+from datamodules.cityscapes_labels import CLASS_NAMES, LABEL_ID_TO_TRAIN_ID, PALETTE
 from datamodules.common import DatasetError
 from datamodules.quickstart_segmentation import HEIGHT, WIDTH, write_cityscapes
 

@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 
 from datamodules.common import DatasetError, read_rgb
-from datamodules.imagenet import QUICKSTART_ROOT, SYNSET_MAPPING, ImageNetDataModule
+from datamodules.imagenet import QUICKSTART_ROOT, ImageNetDataModule
+from datamodules.imagenet_labels import SYNSET_MAPPING
 from datamodules.quickstart import CLASSIFICATION_CLASSES, write_classification
 
 from ..conftest import CONFIGS, run_cli

@@ -16,7 +16,7 @@ from torch import nn
 
 import fishnet_pl
 from fishnet_pl.models import STAGE_NAMES, FishNet
-from fishnet_pl.models.fishnet import FISHNET_TINY
+from fishnet_pl.models.architecture import FISHNET_TINY
 from fishnet_pl.models.weights import freeze, keep_frozen_norms_in_eval
 
 VARIANTS = ("fishnet99", "fishnet150", "fishnet201", "fishnext99_32x4d", "fishnext150_32x4d",
@@ -390,7 +390,7 @@ def test_channels_last_gives_the_same_output():
 # ---------------------------------------------------------------------- inference fast paths
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_the_2x2_max_pool_gives_torchs_values_without_autograd_and_its_gradients_with(memory_format):
-    from fishnet_pl.models.fishnet import MaxPool2x2
+    from fishnet_pl.models.architecture import MaxPool2x2
 
     pool, reference = MaxPool2x2(), nn.MaxPool2d(2, stride=2)
     # Many ties (small integers) and a NaN: the fast path must pick the same values as torch's kernel.
@@ -412,7 +412,7 @@ def test_the_2x2_max_pool_gives_torchs_values_without_autograd_and_its_gradients
 
 
 def test_the_ur_block_channel_sum_is_the_same_with_and_without_autograd():
-    from fishnet_pl.models.fishnet import channel_sum
+    from fishnet_pl.models.architecture import channel_sum
 
     for k in (2, 3):
         x = torch.randn(2, 4 * k, 5, 5)
@@ -435,7 +435,7 @@ def test_eval_outputs_are_the_same_with_and_without_autograd():
 
 
 def test_the_nearest_up_sampling_gives_torchs_values_and_gradients():
-    from fishnet_pl.models.fishnet import Upsample2x
+    from fishnet_pl.models.architecture import Upsample2x
 
     ours, reference = Upsample2x(), nn.Upsample(scale_factor=2, mode="nearest")
     for layout in (torch.contiguous_format, torch.channels_last):

@@ -16,8 +16,8 @@ import torch
 
 import fishnet_pl
 from fishnet_pl.models import pretrained
-from fishnet_pl.models.fishnet import FILE_SHA256
 from fishnet_pl.models.official import official_name
+from fishnet_pl.models.pretrained import FILE_SHA256
 from fishnet_pl.models.weights import load_backbone_weights
 
 from .conftest import official_random_state_dict

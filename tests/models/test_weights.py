@@ -9,13 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from fishnet_pl.models.weights import (
-    CKPT_BACKBONE_KEY,
-    freeze,
-    keep_frozen_norms_in_eval,
-    load_backbone_weights,
-    stage_count,
-)
+from fishnet_pl.checkpoint import CKPT_BACKBONE_KEY
+from fishnet_pl.models.weights import freeze, keep_frozen_norms_in_eval, load_backbone_weights, stage_count
 
 from .conftest import official_random_state_dict
 
