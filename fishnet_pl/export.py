@@ -7,7 +7,8 @@
 it the command stops before exporting.
 
 The exported graph takes float images in [0, 1] (RGB, the checkpoint's ``in_channels``) and includes the
-normalisation with the backbone's mean and std, so users feed raw [0, 1] images:
+normalisation with the backbone's mean and std, so users feed raw [0, 1] images. Each task's head says what
+it exports (``TaskHead.export_wrapper``: inputs, outputs, which sizes are dynamic):
 
 - classification: ``images`` [B, C, H, W] -> ``logits`` [B, num_classes]; the batch is dynamic, H and W
   are fixed to the export size: the evaluation crop of the training data, which the checkpoint records and
@@ -22,7 +23,7 @@ normalisation with the backbone's mean and std, so users feed raw [0, 1] images:
   the detector resizes and normalises the image itself. Only ONNX: torchvision's detectors export with
   the TorchScript-based ONNX exporter (``dynamo=False``); ``torch.export`` (pt2) raises.
 
-Classification and segmentation use torch's ``torch.export``-based ONNX exporter (``dynamo=True``).
+Other networks use torch's ``torch.export``-based ONNX exporter (``dynamo=True``).
 """
 
 from __future__ import annotations
@@ -34,90 +35,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from fishnet_pl.inference import build_from_checkpoint, preprocessing, read_checkpoint
+from fishnet_pl.checkpoint import CKPT_PREDICT_DATA_KEY, read_checkpoint
+from fishnet_pl.inference import build_from_checkpoint, preprocessing
 from fishnet_pl.models.fuse import fuse_for_inference
-from fishnet_pl.models.weights import CKPT_PREDICT_DATA_KEY
-from fishnet_pl.tasks.base import TaskHead, as_head
+from fishnet_pl.tasks.base import ExportSpec, as_head
 
 FORMATS = ("onnx", "pt2")
 DEFAULT_OPSET = 18
-DETECTION_OPSET = 17
 
 
-class NormalizedNetwork(nn.Module):
-    """The task network behind its input normalisation: takes float images in [0, 1], [B, C, H, W]."""
-
-    def __init__(self, network: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.network = network
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network((images - self.mean) / self.std)
-
-
-class DetectorOutputs(nn.Module):
-    """torchvision's detector on one float [C, H, W] image in [0, 1] (it resizes and normalises itself),
-    returning ``(boxes, labels, scores)`` plus ``masks`` for Mask R-CNN, as tensors."""
-
-    def __init__(self, network: nn.Module, with_masks: bool):
-        super().__init__()
-        self.network = network
-        self.keys = ("boxes", "labels", "scores", "masks") if with_masks else ("boxes", "labels", "scores")
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.network([image])[0]
-        return tuple(out[k] for k in self.keys)
-
-
-def task_of(head: TaskHead) -> str:
-    from fishnet_pl.tasks.detection import DetectionHead
-    from fishnet_pl.tasks.segmentation import SegmentationHead
-
-    if isinstance(head, DetectionHead):
-        return "detection"
-    if isinstance(head, SegmentationHead):
-        return "segmentation"
-    return "classification"
-
-
-def exportable(ckpt: dict[str, Any], input_size: tuple[int, int] | None = None
-               ) -> tuple[nn.Module, torch.Tensor, str, list[str], list[str]]:
-    """The wrapper to export (eval mode, BatchNorms folded), an example input, the task, input and output names."""
+def exportable(ckpt: dict[str, Any], input_size: tuple[int, int] | None = None) -> ExportSpec:
+    """What to export (eval mode, BatchNorms folded), as the checkpoint's head wraps its network."""
     network, head = build_from_checkpoint(ckpt)
     info = preprocessing(network, head, ckpt.get(CKPT_PREDICT_DATA_KEY))
     network = fuse_for_inference(network, channels_last=False)  # layouts are the runtime's business
-    in_channels = ckpt["hyper_parameters"].get("in_channels", 3)
-    task = task_of(head)
-    if task == "detection":
-        h, w = input_size or (info["min_size"] if isinstance(info["min_size"], int) else info["min_size"][-1],) * 2
-        wrapper = DetectorOutputs(network, head.with_masks)
-        return wrapper.eval(), torch.rand(in_channels, h, w), task, ["image"], list(wrapper.keys)
-    wrapper = NormalizedNetwork(network, info["mean"], info["std"]).eval()
-    wrapper.pad_multiple = info.get("pad_multiple")
-    if task == "segmentation":
-        m = info["pad_multiple"]
-        h, w = input_size or (2 * m, 2 * m)
-        if h % m or w % m:
-            raise ValueError(f"segmentation export size must be a multiple of {m} (the backbone's stride), got {h}x{w}")
-    else:
-        h, w = input_size or tuple(info["input_size"][-2:])
-    return wrapper, torch.rand(2, in_channels, h, w), task, ["images"], ["logits"]
-
-
-def _dynamic_shapes(task: str, pad_multiple: int | None) -> dict[str, dict[int, Any]]:
-    from torch.export import Dim
-
-    batch = Dim("batch", min=1, max=1024)
-    if task == "classification":
-        return {"images": {0: batch}}
-    m = pad_multiple
-    # Sides are multiples of the stride: H = m * rows, W = m * cols (derived dims).
-    rows, cols = Dim("rows", min=1, max=8192 // m), Dim("cols", min=1, max=8192 // m)
-    return {"images": {0: batch, 2: m * rows, 3: m * cols}}
+    return head.export_wrapper(network, info, ckpt["hyper_parameters"].get("in_channels", 3), input_size)
 
 
 def output_file(output: str | os.PathLike, ckpt_path: str | os.PathLike, ckpt: dict[str, Any], fmt: str,
@@ -128,7 +61,7 @@ def output_file(output: str | os.PathLike, ckpt_path: str | os.PathLike, ckpt: d
     text = os.fspath(output)
     path = Path(text)
     if path.is_dir() or text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
-        task = task_of(as_head(ckpt["hyper_parameters"].get("head")))
+        task = as_head(ckpt["hyper_parameters"].get("head")).task
         backbone = ckpt["hyper_parameters"].get("backbone", "fishnet150")
         path = path / f"{task}_{backbone}_{Path(ckpt_path).stem}.{fmt}"
     if path.exists() and not overwrite:
@@ -149,31 +82,26 @@ def export_checkpoint(ckpt_path: str | os.PathLike, fmt: str, output: str | os.P
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     ckpt = read_checkpoint(ckpt_path)
     output = output_file(output, ckpt_path, ckpt, fmt, overwrite)
-    wrapper, example, task, input_names, output_names = exportable(ckpt, input_size)
+    spec = exportable(ckpt, input_size)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if task == "detection":
-        if fmt == "pt2":
-            raise NotImplementedError(
-                "torch.export (pt2) cannot export torchvision's Faster / Mask R-CNN on this torch: the number "
-                "of boxes after non-maximum suppression is data-dependent (torchvision's batched_nms guards on "
-                "it, GuardOnDataDependentSymNode); export detection with --format onnx")
-        dynamic_axes = {"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in output_names}}
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-            torch.onnx.export(wrapper, (example,), str(output), dynamo=False, opset_version=opset or DETECTION_OPSET,
-                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
-        return output
-    dynamic = _dynamic_shapes(task, wrapper.pad_multiple)
+    if fmt == "pt2" and spec.pt2_unsupported:
+        raise NotImplementedError(spec.pt2_unsupported)
+    opset = opset or spec.opset or DEFAULT_OPSET
+    names = {"input_names": spec.input_names, "output_names": spec.output_names}
     if fmt == "pt2":
         with torch.no_grad():
-            program = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic, strict=False)
+            program = torch.export.export(spec.module, (spec.example,), dynamic_shapes=spec.dynamic_shapes,
+                                          strict=False)
         torch.export.save(program, str(output))
         return output
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=opset or DEFAULT_OPSET,
-                                    input_names=input_names, output_names=output_names,
-                                    dynamic_shapes=dynamic, verbose=False)
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
+        if spec.dynamic_axes is not None:  # a network only the TorchScript-based exporter takes
+            torch.onnx.export(spec.module, (spec.example,), str(output), dynamo=False, opset_version=opset,
+                              dynamic_axes=spec.dynamic_axes, **names)
+            return output
+        program = torch.onnx.export(spec.module, (spec.example,), dynamo=True, opset_version=opset,
+                                    dynamic_shapes=spec.dynamic_shapes, verbose=False, **names)
     program.save(str(output))
     return output
 
@@ -196,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint records of its training data, as predict uses it, else the backbone's "
                              "pretrained input size); for segmentation a multiple of the stride")
     parser.add_argument("--opset", type=int, default=None,
-                        help=f"ONNX opset (default {DEFAULT_OPSET}, detection {DETECTION_OPSET})")
+                        help=f"ONNX opset (default: the task's, {DEFAULT_OPSET} unless its head asks another, "
+                             "e.g. detection's 17)")
     return parser
 
 

@@ -11,36 +11,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from timm.data import DEFAULT_CROP_PCT
 from torch import nn
 
+from fishnet_pl.checkpoint import CKPT_CLASS_NAMES_KEY, CKPT_PREDICT_DATA_KEY, read_checkpoint
 from fishnet_pl.models.fuse import fuse_for_inference
 from fishnet_pl.models.registry import check_backbone_name
-from fishnet_pl.models.weights import CKPT_CLASS_NAMES_KEY, CKPT_PREDICT_DATA_KEY
 from fishnet_pl.tasks.base import TaskHead, as_head
 
 log = logging.getLogger(__name__)
 NETWORK_PREFIX = "network."
-
-
-def read_checkpoint(ckpt_path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """Our Lightning checkpoint as a dict (``torch.load`` with ``weights_only=True``: no code runs).
-
-    ``mmap``: map the tensors instead of reading them (a quick look at a large file). A missing, truncated or
-    foreign file raises an error naming it.
-    """
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"{ckpt_path}: checkpoint file does not exist")
-    try:
-        ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as err:  # zip, pickle and weights_only errors differ: all mean "not a checkpoint we can read"
-        raise ValueError(f"{ckpt_path}: cannot be read as a PyTorch checkpoint; the file is truncated (a copy or "
-                         f"a save that did not finish) or not a checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"{ckpt_path}: not a fishnet-pl Lightning checkpoint (no state_dict / hyper_parameters)")
-    return ckpt
 
 
 def build_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, TaskHead]:
@@ -76,13 +56,13 @@ def preprocessing(network: nn.Module, head: TaskHead, predict_data: Mapping[str,
         A recorded transform's "bilinear" is OpenCV's ``INTER_LINEAR``, as albumentations resizes (PIL's
         antialiased bilinear differs slightly when shrinking). Without a record: timm's ``pretrained_cfg``, and
         ``resize`` = round(W / ``crop_pct``), as ``fishnet-pl fit`` picks it.
-        Segmentation: ``scale`` when recorded (both sides times it, truncated to int), and ``pad_multiple``
-        (input sides must be multiples of it). Detection: ``min_size``, ``max_size`` (the detector's own resize).
+        Segmentation: ``scale`` when recorded (both sides times it, truncated to int). Then what the head adds
+        (``TaskHead.preprocessing``): segmentation's ``pad_multiple`` (input sides must be multiples of it),
+        detection's ``min_size``, ``max_size`` (the detector's own resize).
     """
     cfg = network.get_submodule(head.backbone_path).pretrained_cfg
-    mean, std = cfg["mean"], cfg["std"]
-    if hasattr(head, "mean"):  # the head's normalisation, which also covers other input channel counts
-        mean, std = head.mean.flatten().tolist(), head.std.flatten().tolist()
+    own = head.preprocessing()  # e.g. its normalisation (which also covers other channel counts), pad_multiple
+    mean, std = own.get("mean", cfg["mean"]), own.get("std", cfg["std"])
     size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
     crop_pct = cfg.get("crop_pct") or DEFAULT_CROP_PCT
     info: dict[str, Any] = {"mean": tuple(mean), "std": tuple(std), "input_size": (len(mean), *size),
@@ -96,10 +76,7 @@ def preprocessing(network: nn.Module, head: TaskHead, predict_data: Mapping[str,
         log.warning("the checkpoint records its evaluation transform %r but not its plain description (saved by "
                     "an older fishnet-pl): preprocessing gives the backbone's pretrained_cfg, which may differ",
                     predict_data["transform"])
-    if hasattr(head, "pad_multiple"):  # segmentation: input sides must be multiples of the backbone's stride
-        info["pad_multiple"] = int(head.pad_multiple)
-    if hasattr(head, "max_size"):  # detection: the detector resizes each image itself
-        info["min_size"], info["max_size"] = head.min_size, head.max_size
+    info.update({k: v for k, v in own.items() if k not in ("mean", "std")})
     return info
 
 

@@ -20,9 +20,8 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from datamodules.coco import COCODataModule
 from datamodules.quickstart_detection import write_detection
 from fishnet_pl import DetectionHead, FishNetModule, SegmentationHead
-from fishnet_pl.callbacks import DetectionPredictionWriter
+from fishnet_pl.checkpoint import CKPT_BACKBONE_KEY
 from fishnet_pl.metrics import coco_evaluate, write_coco_results
-from fishnet_pl.models.weights import CKPT_BACKBONE_KEY
 from fishnet_pl.tasks.detection import TimmBackboneWithFPN
 
 from .conftest import CONFIGS, csv_logger, predict_from_checkpoint_alone, run_checkpoint, run_cli, validation_metrics
@@ -121,14 +120,14 @@ def test_drawn_labels_and_lines_grow_with_the_image(tmp_path):
     """A 4000 x 6000 photo gets labels and box lines it can show, not the 11-pixel text of a 400 x 600 one."""
     head = DetectionHead()
     head.class_names = ["circle", "square", "triangle"]
-    colour = DetectionPredictionWriter.PALETTE[1]
+    colour = DetectionHead.PALETTE[1]
     tag_rows, line_px = {}, {}
     for short in (400, 4000):
         h, w = short, short * 3 // 2
         record = {"path": f"photo{short}.jpg", "image": torch.zeros(3, h, w, dtype=torch.uint8),
                   "boxes": torch.tensor([[0.2 * w, 0.5 * h, 0.8 * w, 0.9 * h]]), "labels": torch.tensor([1]),
                   "scores": torch.tensor([0.93])}
-        DetectionPredictionWriter().write([record], tmp_path, None, head, first=True)
+        head.write_predictions([record], [record["path"]], tmp_path, None, first=True)
         coloured = np.all(np.asarray(Image.open(tmp_path / f"photo{short}.jpg.png")) == colour, axis=-1)
         tag_rows[short] = int(coloured[: h // 2].any(axis=1).sum())  # the label's tag, above the box
         line_px[short] = int(coloured[int(0.7 * h)].sum()) // 2  # the box's left and right lines

@@ -12,7 +12,6 @@ from PIL import Image
 import fishnet_pl
 from datamodules.common import collate_padded
 from fishnet_pl import FishNetModule, SegmentationHead
-from fishnet_pl.callbacks import SegmentationPredictionWriter
 from fishnet_pl.tasks.segmentation import default_palette, input_multiple
 
 from .models.conftest import official_random_state_dict
@@ -267,7 +266,7 @@ def test_predict_writes_palette_masks_and_overlays(tmp_path, palette):
         records = model.predict_step(batch, 0)
         expected = model(batch["image"]).argmax(1)
     datamodule = type("DM", (), {"palette": palette})()
-    SegmentationPredictionWriter().write(records, tmp_path, datamodule, model.head, first=True)
+    model.head.write_predictions(records, batch["path"], tmp_path, datamodule, first=True)
     colours = np.asarray(palette or default_palette(4), np.uint8)
     for name, labels in zip(batch["path"], expected):
         mask = Image.open(tmp_path / f"{name}.mask.png")

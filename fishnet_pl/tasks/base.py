@@ -1,12 +1,17 @@
 """The interface between ``FishNetModule`` and a task: classification, segmentation, detection.
 
 A head builds the task's plain network (which owns its backbone, any timm model) and owns the
-loss, metrics and post-processing; the module holds the network and owns the loop, the optimizer
-and schedule, logging and checkpoints; callbacks (``fishnet_pl.callbacks``) write result files. A head
-never sees the trainer, nor holds the network as a sub-module (each weight lives once, under the
+loss, metrics and post-processing, and everything else that differs per task: the files its predictions
+and results become (``write_predictions``, ``write_results``), what a deployed network needs of its input
+(``preprocessing``) and how it exports (``export_wrapper``). The module holds the network and owns the loop,
+the optimizer and schedule, logging and checkpoints; generic callbacks (``fishnet_pl.writers``) do Lightning's
+part of writing files and ask the head for their content. So a new task is one file under ``fishnet_pl/tasks/``.
+
+A head never sees the trainer, nor holds the network as a sub-module (each weight lives once, under the
 module's ``network.``): its methods are handed it. A head is configured by plain constructor arguments
 (so LightningCLI can show and set them) and stores each under the same attribute name, so ``config()``
-can rebuild it from a checkpoint.
+can rebuild it from a checkpoint. Heads import no Lightning: ``fishnet_pl.inference.load_network`` serves
+plain PyTorch programs.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +28,9 @@ from torch import nn
 
 
 class TaskHead(nn.Module):
-    """Base class of task heads. Subclasses implement every method below that raises."""
+    """Base class of task heads. Subclasses implement every method below that raises, except the optional
+    ``write_predictions`` and ``write_results``; the defaults of ``preprocessing`` and ``export_wrapper`` serve a
+    network that maps normalised images to one tensor per image (a classifier)."""
 
     #: Metric that ModelCheckpoint watches (logged at validation epoch end), and its direction.
     monitor: str = "val/loss"
@@ -66,16 +75,112 @@ class TaskHead(nn.Module):
         self.class_names = names
 
     def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
-        """One record per input image (plain values and CPU tensors); the task's prediction-writer
-        callback (``fishnet_pl.callbacks``) turns them into files."""
+        """One record per input image (plain values and CPU tensors), with the image's ``path`` as read;
+        ``write_predictions`` turns them into files."""
         raise NotImplementedError
+
+    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, datamodule: Any,
+                          first: bool) -> None:
+        """Write one predict batch's files (optional: without it, ``trainer.predict`` only returns the records).
+
+        Called by ``fishnet_pl.writers.PredictionWriter``, which owns the folder, the DDP rank folders and the
+        refusal to overwrite an earlier run.
+
+        Args:
+            records: ``predict_step``'s records of the batch.
+            paths: where each record's outputs go, relative to ``folder`` (POSIX, mirroring the input:
+                ``a/img.jpg`` for ``<predict_root>/a/img.jpg``); add a suffix, e.g. ``a/img.jpg.png``.
+            folder: this process's output folder (it exists; sub-folders do not).
+            datamodule: the run's datamodule (its ``palette``, ``label_to_category_id``, ...), or None.
+            first: the run's first batch on this process: start files such as a JSON lines file afresh.
+        """
+        raise NotImplementedError
+
+    def write_results(self, stage: str, folder: Path, datamodule: Any) -> None:
+        """Write the results file of a validation or test epoch from ``self.metrics[stage]`` (optional; e.g.
+        detection's COCO results). Called on the first process by ``fishnet_pl.writers.ResultsWriter`` once the
+        metric is synchronised, with the run's log folder as ``folder``."""
+        raise NotImplementedError
+
+    @property
+    def task(self) -> str:
+        """The task's name in file names (``fishnet-pl export``): the class name without ``Head``, lower case."""
+        return type(self).__name__.removesuffix("Head").lower()
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What a deployed network needs of its input beyond the backbone's ``pretrained_cfg``
+        (``fishnet_pl.inference.preprocessing`` adds it): here the normalisation ``set_normalization`` chose, which
+        also covers other input channel counts; heads add their network's own rules."""
+        mean, std = getattr(self, "mean", None), getattr(self, "std", None)  # set_normalization's buffers
+        return {} if mean is None else {"mean": tuple(mean.flatten().tolist()), "std": tuple(std.flatten().tolist())}
+
+    def export_wrapper(self, network: nn.Module, preprocessing: dict[str, Any], in_channels: int,
+                       input_size: tuple[int, int] | None = None) -> ExportSpec:
+        """The network as ``fishnet-pl export`` hands it to torch's exporters.
+
+        Here: ``images`` float [B, C, H, W] in [0, 1] -> ``logits`` [B, ...], normalised inside the graph; the
+        batch is dynamic, H and W are fixed to ``input_size``, by default the evaluation crop
+        (``preprocessing["input_size"]``, the checkpoint's record or the backbone's ``pretrained_cfg``).
+
+        Args:
+            network: the task network, eval mode (BatchNorms folded).
+            preprocessing: ``fishnet_pl.inference.preprocessing`` of the checkpoint.
+            in_channels: the network's input channels.
+            input_size: (H, W) of the example input, when the user sets it.
+        """
+        from torch.export import Dim
+
+        h, w = input_size or tuple(preprocessing["input_size"][-2:])
+        return ExportSpec(NormalizedNetwork(network, preprocessing["mean"], preprocessing["std"]).eval(),
+                          torch.rand(2, in_channels, h, w), ["images"], ["logits"],
+                          dynamic_shapes={"images": {0: Dim("batch", min=1, max=1024)}})
 
     def config(self) -> dict[str, Any]:
         """``{"class_path", "init_args"}`` that rebuilds this head (stored in checkpoints)."""
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        # A head without an __init__ of its own has nn.Module's (*args, **kwargs): no arguments.
+        names = [name for name, p in inspect.signature(type(self).__init__).parameters.items()
+                 if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
                 "init_args": {name: getattr(self, name) for name in names}}
+
+
+@dataclass
+class ExportSpec:
+    """A head's network as ``fishnet-pl export`` hands it to torch's exporters (``TaskHead.export_wrapper``).
+
+    Attributes:
+        module: what to export, eval mode; takes what a deployed program feeds (float images in [0, 1]).
+        example: an input of the export size.
+        input_names, output_names: the graph's input and output names.
+        dynamic_shapes: ``torch.export``'s dynamic dimensions (pt2 and the dynamo-based ONNX exporter).
+        dynamic_axes: set instead for a network that only the TorchScript-based ONNX exporter takes
+            (``dynamo=False``): its dynamic axes.
+        opset: the ONNX opset unless the user gives one; None: the exporter's default.
+        pt2_unsupported: why ``torch.export`` cannot take this network, if it cannot (export raises with it).
+    """
+
+    module: nn.Module
+    example: torch.Tensor
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: dict[str, dict[int, Any]] | None = None
+    dynamic_axes: dict[str, dict[int, str]] | None = None
+    opset: int | None = None
+    pt2_unsupported: str | None = None
+
+
+class NormalizedNetwork(nn.Module):
+    """The task network behind its input normalisation: takes float images in [0, 1], [B, C, H, W]."""
+
+    def __init__(self, network: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network((images - self.mean) / self.std)
 
 
 def channel_normalization(mean: Sequence[float], std: Sequence[float], in_chans: int
@@ -91,10 +196,8 @@ def channel_normalization(mean: Sequence[float], std: Sequence[float], in_chans:
 def as_head(head: TaskHead | dict | None) -> TaskHead:
     """A head instance from an instance, a ``{"class_path", "init_args"}`` dict (as ``config()`` gives and
     checkpoints store), or None (classification). Needs no Lightning."""
-    if head is None:
-        from fishnet_pl.tasks.classification import ClassificationHead
-
-        return ClassificationHead()
+    if head is None:  # by class path: the heads import this module, not the other way round
+        head = {"class_path": "fishnet_pl.tasks.classification.ClassificationHead"}
     if isinstance(head, TaskHead):
         return head
     if isinstance(head, dict) and "class_path" in head:

@@ -3,6 +3,8 @@ top-1/top-5 accuracy."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +22,9 @@ class ClassificationHead(TaskHead):
 
     Batches: ``image`` float [B, C, H, W] in [0, 1] (normalised here with the backbone's mean and std),
     ``label`` int64 [B]; for evaluation also ``index`` (the images' dataset indices), so that under DDP
-    every image counts once. Validation and test log ``{stage}/loss``, ``acc1`` and ``acc5``.
+    every image counts once. Validation and test log ``{stage}/loss``, ``acc1`` and ``acc5``. Predict writes
+    ``predictions.jsonl`` (``write_predictions``); export is ``TaskHead.export_wrapper``'s: ``images``
+    [B, C, H, W] -> ``logits`` [B, num_classes] at the evaluation crop.
 
     Args:
         label_smoothing: cross-entropy label smoothing (0 = the authors' recipe).
@@ -68,3 +72,15 @@ class ClassificationHead(TaskHead):
         scores, classes = probs.topk(min(5, probs.shape[1]), dim=1)
         return [{"path": path, "classes": c.tolist(), "scores": s.tolist()}
                 for path, c, s in zip(batch["path"], classes.cpu(), scores.cpu())]
+
+    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, datamodule: Any,
+                          first: bool) -> None:
+        """One JSON line per image in ``predictions.jsonl``: ``path`` (relative, mirroring the input), ``file``
+        (as read), top-5 class indices, names (``class_names``, when known), probabilities."""
+        names = self.class_names  # the datamodule's, passed on by the module's setup
+        with open(folder / "predictions.jsonl", "w" if first else "a") as f:
+            for r, relative in zip(records, paths):
+                r = {"path": relative, "file": r["path"], **{k: v for k, v in r.items() if k != "path"}}
+                if names is not None:
+                    r["names"] = [names[c] for c in r["classes"]]
+                f.write(json.dumps(r) + "\n")

@@ -12,9 +12,13 @@ validation image exactly once, also under DDP (``fishnet_pl.metrics.CocoEvaluati
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Literal
 
+import pycocotools.mask as mask_utils
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
@@ -23,12 +27,17 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.utils import draw_segmentation_masks
 
-from fishnet_pl.metrics import CocoEvaluation, encode_masks, rle_json
+from fishnet_pl.drawing import draw_boxes
+from fishnet_pl.metrics import CocoEvaluation, encode_masks, rle_json, write_coco_results, xywh
 from fishnet_pl.models.registry import create_backbone
-from fishnet_pl.tasks.base import TaskHead
+from fishnet_pl.tasks.base import ExportSpec, TaskHead
 
+log = logging.getLogger(__name__)
 FPN_REDUCTIONS = (4, 8, 16, 32)
+#: ONNX opset of the detector's export (torch's TorchScript-based exporter), as tests/test_export.py runs it.
+ONNX_OPSET = 17
 
 
 class TimmBackboneWithFPN(nn.Module):
@@ -67,9 +76,9 @@ class DetectionHead(TaskHead):
 
     Validation and test log COCO's ``{stage}/bbox_ap``, ``bbox_ap50``, ``bbox_ap75``, ``bbox_aps``,
     ``bbox_apm``, ``bbox_apl`` (and ``segm_*`` for Mask R-CNN), computed by pycocotools over each image
-    once (-1 where no ground truth falls in an area range); ``CocoResultsWriter`` writes the detections as
+    once (-1 where no ground truth falls in an area range); ``write_results`` writes the detections as
     a COCO results file ``{stage}_detections.json`` into the run's log folder. Predict keeps the detections
-    scoring at least ``predict_score_thresh``; ``DetectionPredictionWriter`` saves each image with them drawn
+    scoring at least ``predict_score_thresh``; ``write_predictions`` saves each image with them drawn
     (``a/img.jpg.png``) and a ``detections.jsonl`` line per image.
 
     Args:
@@ -94,6 +103,9 @@ class DetectionHead(TaskHead):
     monitor = "val/bbox_ap"
     monitor_mode = "max"
     progress_bar = ("loss", "bbox_ap", "segm_ap")
+    #: Distinct colours for drawn classes (label k gets PALETTE[k % len]).
+    PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+               (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40))
     backbone_path = "backbone.body"
 
     def __init__(
@@ -203,3 +215,79 @@ class DetectionHead(TaskHead):
                 record["image_id"] = int(image_ids[i])
             records.append(record)
         return records
+
+    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, datamodule: Any,
+                          first: bool) -> None:
+        """Per image ``a/img.jpg``: ``a/img.jpg.png``, the image with its detections drawn: masks, boxes, class
+        names and scores, lines and text scaled to the image; and one line of ``detections.jsonl``: ``path``,
+        ``file`` (as read), ``drawn`` and the same detections with COCO category id (the datamodule's
+        ``label_to_category_id``), class name, score, ``bbox`` [x, y, width, height] and RLE ``segmentation``."""
+        names = self.class_names  # the datamodule's, passed on by the module's setup
+        category_of = getattr(datamodule, "label_to_category_id", None) or {}
+        with open(folder / "detections.jsonl", "w" if first else "a") as f:
+            for r, relative in zip(records, paths):
+                labels = r["labels"].tolist()
+                shown = [names[k - 1] if names and 0 < k <= len(names) else str(k) for k in labels]
+                colours = [self.PALETTE[k % len(self.PALETTE)] for k in labels]
+                image = r["image"]
+                if labels and "masks" in r:
+                    masks = torch.from_numpy(mask_utils.decode(r["masks"])).permute(2, 0, 1)
+                    image = draw_segmentation_masks(image, masks.bool(), alpha=0.45, colors=colours)
+                drawn = draw_boxes(image, r["boxes"], [f"{s} {p:.2f}" for s, p in zip(shown, r["scores"])], colours)
+                (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                drawn.save(folder / f"{relative}.png")
+                detections = [{"label": k, "category_id": category_of.get(k, k), "name": shown[i],
+                               "score": round(float(r["scores"][i]), 5),
+                               "bbox": [round(v, 2) for v in xywh(r["boxes"][i:i + 1])[0].tolist()]}
+                              for i, k in enumerate(labels)]
+                for detection, rle in zip(detections, r.get("masks", ())):
+                    detection["segmentation"] = rle
+                line = {"path": relative, "file": r["path"], "drawn": f"{relative}.png", "detections": detections}
+                if "image_id" in r:
+                    line["image_id"] = r["image_id"]
+                f.write(json.dumps(line) + "\n")
+
+    def write_results(self, stage: str, folder: Path, datamodule: Any) -> None:
+        """The detections of every image evaluated in ``stage`` as a COCO results file
+        ``{folder}/{stage}_detections.json`` (category ids mapped back with the datamodule's
+        ``label_to_category_id``), ready for ``COCO.loadRes`` or the evaluation server."""
+        metric, path = self.metrics[stage], folder / f"{stage}_detections.json"
+        write_coco_results(metric.images, path, getattr(datamodule, "label_to_category_id", None))
+        log.info("%s detections of %d images written to %s", stage, len(metric.images), path)
+
+    # ------------------------------------------------------------------ deployment
+    def preprocessing(self) -> dict[str, Any]:
+        """``min_size``, ``max_size``: the detector resizes (and normalises) each image itself."""
+        return {"min_size": self.min_size, "max_size": self.max_size}
+
+    def export_wrapper(self, network: nn.Module, preprocessing: dict[str, Any], in_channels: int,
+                       input_size: tuple[int, int] | None = None) -> ExportSpec:
+        """One ``image`` float [C, H, W] in [0, 1] of any size -> ``boxes`` [N, 4] (xyxy, input pixels),
+        ``labels`` [N] (1..K), ``scores`` [N] and, for Mask R-CNN, ``masks`` [N, 1, H, W] probabilities; the
+        detector resizes and normalises the image itself. Only ONNX, with torch's TorchScript-based exporter:
+        ``torch.export`` cannot take torchvision's detectors. The example is square, ``min_size`` a side."""
+        side = self.min_size if isinstance(self.min_size, int) else self.min_size[-1]
+        h, w = input_size or (side, side)
+        wrapper = DetectorOutputs(network, self.with_masks).eval()
+        return ExportSpec(
+            wrapper, torch.rand(in_channels, h, w), ["image"], list(wrapper.keys),
+            dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in wrapper.keys}},
+            opset=ONNX_OPSET,
+            pt2_unsupported="torch.export (pt2) cannot export torchvision's Faster / Mask R-CNN on this torch: the "
+                            "number of boxes after non-maximum suppression is data-dependent (torchvision's "
+                            "batched_nms guards on it, GuardOnDataDependentSymNode); export detection with "
+                            "--format onnx")
+
+
+class DetectorOutputs(nn.Module):
+    """torchvision's detector on one float [C, H, W] image in [0, 1] (it resizes and normalises itself),
+    returning ``(boxes, labels, scores)`` plus ``masks`` for Mask R-CNN, as tensors."""
+
+    def __init__(self, network: nn.Module, with_masks: bool):
+        super().__init__()
+        self.network = network
+        self.keys = ("boxes", "labels", "scores", "masks") if with_masks else ("boxes", "labels", "scores")
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.network([image])[0]
+        return tuple(out[k] for k in self.keys)

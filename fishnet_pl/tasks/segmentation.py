@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from segmentation_models_pytorch.base import SegmentationModel
 from torch import nn
 
+from fishnet_pl.drawing import legend_strip, text_font
 from fishnet_pl.metrics import SegmentationIoU
 from fishnet_pl.models.fishnet import FishNet
-from fishnet_pl.tasks.base import TaskHead
+from fishnet_pl.tasks.base import ExportSpec, NormalizedNetwork, TaskHead
 
 
 def input_multiple(backbone: nn.Module) -> int:
@@ -47,8 +51,8 @@ class SegmentationHead(TaskHead):
     own size). Validation and test log ``{stage}/miou`` (mean IoU over the classes present
     in the ground truth or the predictions) and ``{stage}/iou_<class>`` for each such class, over all
     processes (``fishnet_pl.metrics.SegmentationIoU``). Predict gives each image's class ids, which
-    ``SegmentationPredictionWriter`` saves as ``a/img.jpg.mask.png`` (the datamodule's palette, e.g.
-    Cityscapes') and ``a/img.jpg.overlay.png`` (the mask blended over the image, with a legend).
+    ``write_predictions`` saves as ``a/img.jpg.mask.png`` (the datamodule's palette, e.g. Cityscapes') and
+    ``a/img.jpg.overlay.png`` (the mask blended over the image, with a legend).
 
     Args:
         decoder: smp architecture name: Unet, UnetPlusPlus, FPN, PSPNet, DeepLabV3, DeepLabV3Plus,
@@ -228,6 +232,53 @@ class SegmentationHead(TaskHead):
         sizes = sizes.tolist() if sizes is not None else [images.shape[-2:]] * len(images)
         return [{"path": path, "labels": m[:h, :w], "image": p[:h, :w]}  # each at its image's own size
                 for path, m, p, (h, w) in zip(batch["path"], labels, pixels, sizes)]
+
+    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, datamodule: Any,
+                          first: bool) -> None:
+        """Per image ``a/img.jpg``: ``a/img.jpg.mask.png``, a palette PNG of the image's size whose pixel values
+        are the class ids and whose colours are the datamodule's ``palette`` (Cityscapes' for Cityscapes, else
+        ``default_palette``); ``a/img.jpg.overlay.png``, that colour mask blended half-and-half over the image,
+        above a legend strip: a colour swatch and the name (``class_names``) of each class present."""
+        palette = np.asarray(getattr(datamodule, "palette", None) or default_palette(self.num_classes), np.uint8)
+        flat = np.zeros((256, 3), np.uint8)
+        flat[: len(palette)] = palette[:256]
+        for r, relative in zip(records, paths):
+            name = folder / relative
+            name.parent.mkdir(parents=True, exist_ok=True)
+            mask = Image.fromarray(r["labels"])  # mode L; putpalette makes it P with these colours
+            mask.putpalette(flat.flatten().tolist())
+            mask.save(f"{name}.mask.png")
+            overlay = (0.5 * r["image"] + 0.5 * flat[r["labels"]]).round().astype(np.uint8)
+            present = np.unique(r["labels"]).tolist()
+            names = self.class_names
+            entries = [(names[k] if names and k < len(names) else f"class {k}", tuple(flat[k].tolist()))
+                       for k in present]
+            legend = legend_strip(entries, overlay.shape[1], text_font(*overlay.shape[:2]))
+            Image.fromarray(np.concatenate([overlay, legend])).save(f"{name}.overlay.png")
+
+    # ------------------------------------------------------------------ deployment
+    def preprocessing(self) -> dict[str, Any]:
+        """Adds ``pad_multiple``: input sides must be multiples of the backbone's stride."""
+        return {**super().preprocessing(), "pad_multiple": int(self.pad_multiple)}
+
+    def export_wrapper(self, network: nn.Module, preprocessing: dict[str, Any], in_channels: int,
+                       input_size: tuple[int, int] | None = None) -> ExportSpec:
+        """``images`` float [B, C, H, W] in [0, 1] -> ``logits`` [B, K, H, W], normalised inside the graph; batch,
+        height and width are dynamic, but H and W must be multiples of the backbone's stride
+        (``preprocessing["pad_multiple"]``, 32 for FishNet): pad other images (e.g. with the mean colour) and crop
+        the logits. ``input_size`` (default two strides square) must be such a multiple."""
+        from torch.export import Dim
+
+        m = preprocessing["pad_multiple"]
+        h, w = input_size or (2 * m, 2 * m)
+        if h % m or w % m:
+            raise ValueError(f"segmentation export size must be a multiple of {m} (the backbone's stride), got {h}x{w}")
+        # Sides are multiples of the stride: H = m * rows, W = m * cols (derived dims).
+        batch = Dim("batch", min=1, max=1024)
+        rows, cols = Dim("rows", min=1, max=8192 // m), Dim("cols", min=1, max=8192 // m)
+        return ExportSpec(NormalizedNetwork(network, preprocessing["mean"], preprocessing["std"]).eval(),
+                          torch.rand(2, in_channels, h, w), ["images"], ["logits"],
+                          dynamic_shapes={"images": {0: batch, 2: m * rows, 3: m * cols}})
 
 
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:

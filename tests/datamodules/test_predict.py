@@ -16,7 +16,7 @@ from datamodules.common import DatasetError
 from datamodules.imagenet import eval_transform
 from datamodules.predict import PredictFolderDataModule
 from fishnet_pl import ClassificationHead, DetectionHead, FishNetModule, SegmentationHead
-from fishnet_pl.callbacks import PredictionWriter, SegmentationPredictionWriter
+from fishnet_pl.writers import PredictionWriter
 
 
 def write_folder(root, sizes=((40, 60), (61, 33))):
@@ -173,8 +173,8 @@ def test_the_overlay_carries_a_legend_of_the_classes_present(tmp_path):
     head = SegmentationHead()
     head.num_classes, head.class_names = 4, ["road", "car", "sky", "person"]
     datamodule = type("DM", (), {"palette": palette})()
-    SegmentationPredictionWriter().write([{"path": "street.jpg", "labels": labels, "image": image}], tmp_path,
-                                         datamodule, head, first=True)
+    head.write_predictions([{"path": "street.jpg", "labels": labels, "image": image}], ["street.jpg"], tmp_path,
+                           datamodule, first=True)
     overlay = np.asarray(Image.open(tmp_path / "street.jpg.overlay.png"))
     assert overlay.shape[1] == 90 and overlay.shape[0] > 60
     np.testing.assert_array_equal(overlay[:60], (0.5 * image + 0.5 * np.asarray(palette, np.uint8)[labels]).round())
