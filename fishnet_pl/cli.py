@@ -31,11 +31,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 import datamodules
 from datamodules.common import DatasetError
-from fishnet_pl.callbacks import PredictionWriter
-from fishnet_pl.inference import read_checkpoint
+from fishnet_pl.checkpoint import check_checkpoint, recorded_predict_data
 from fishnet_pl.malloc import keep_freed_memory
-from fishnet_pl.models.weights import CKPT_BACKBONE_KEY, CKPT_CLASS_NAMES_KEY, CKPT_PREDICT_DATA_KEY
 from fishnet_pl.module import FishNetModule
+from fishnet_pl.writers import PredictionWriter
 
 #: The data of ``predict --ckpt_path CKPT`` given without a config: a folder of images, prepared as the checkpoint says.
 PREDICT_FOLDER = "datamodules.predict.PredictFolderDataModule"
@@ -184,11 +183,8 @@ class FishNetCLI(LightningCLI):
         data = config.get("data")
         if not data or data.get("class_path") != PREDICT_FOLDER or not os.path.isfile(config["ckpt_path"]):
             return
-        ckpt = read_checkpoint(config["ckpt_path"], mmap=True)  # a few small entries: the tensors stay on disk
-        recorded = {**ckpt.get(CKPT_PREDICT_DATA_KEY, {}), "class_names": ckpt.get(CKPT_CLASS_NAMES_KEY),
-                    "num_classes": ckpt["hyper_parameters"].get("num_classes")}
         init = data["init_args"]
-        for key, value in recorded.items():
+        for key, value in recorded_predict_data(config["ckpt_path"]).items():
             if key in init and init[key] is None:
                 init[key] = value
 
@@ -281,22 +277,6 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
     except OSError as err:
         raise PermissionError(f"{folder}: cannot write there ({err.strerror or err}); it is {what}, where the run "
                               "writes its outputs: give a folder this user can create and write") from None
-
-
-def check_checkpoint(ckpt_path: str | os.PathLike | None, resume: bool) -> None:
-    """Raise an error naming ``ckpt_path`` unless it is a readable fishnet-pl checkpoint, with the training state
-    when ``resume`` (``fit``). Lightning's special values (``last``, ``best``, ``hpc``, ...) pass."""
-    if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc") or "://" in str(ckpt_path) \
-            or str(ckpt_path).startswith("registry"):
-        return
-    ckpt = read_checkpoint(ckpt_path, mmap=True)  # names the file if it is missing, truncated or not a checkpoint
-    if CKPT_BACKBONE_KEY not in ckpt:
-        raise ValueError(f"{ckpt_path}: a Lightning checkpoint, but not one of fishnet-pl's (no "
-                         f"{CKPT_BACKBONE_KEY!r}); to start from other weights use --model.backbone_weights")
-    missing = [key for key in ("optimizer_states", "loops") if key not in ckpt]
-    if resume and missing:
-        raise ValueError(f"{ckpt_path}: holds the weights only (no {' or '.join(missing)}), not the training state "
-                         "that fit --ckpt_path resumes; to start a new run from it use --model.backbone_weights")
 
 
 #: Third-party messages that tell a fishnet-pl user nothing they can act on (warnings: regular expressions).

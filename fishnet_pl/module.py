@@ -13,19 +13,15 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 
-from fishnet_pl.callbacks import LastCheckpoint, RNGStateCheckpoint, StopOnNonFiniteLoss, task_callbacks
+from fishnet_pl.callbacks import LastCheckpoint, RNGStateCheckpoint, StopOnNonFiniteLoss, images_in
+from fishnet_pl.checkpoint import CKPT_BACKBONE_KEY, CKPT_CLASS_NAMES_KEY, CKPT_PREDICT_DATA_KEY
+from fishnet_pl.lightning_compat import sync_batchnorm_requested
 from fishnet_pl.models.registry import check_backbone_name
-from fishnet_pl.models.weights import (
-    CKPT_BACKBONE_KEY,
-    CKPT_CLASS_NAMES_KEY,
-    CKPT_PREDICT_DATA_KEY,
-    freeze,
-    keep_frozen_norms_in_eval,
-    load_backbone_weights,
-)
+from fishnet_pl.models.weights import freeze, keep_frozen_norms_in_eval, load_backbone_weights
 from fishnet_pl.tasks.base import TaskHead, as_head
+from fishnet_pl.writers import task_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +45,8 @@ class FishNetModule(L.LightningModule):
         grad_checkpointing: recompute backbone activations in backward to save memory.
         compile: compile the network with ``torch.compile`` (in place, so checkpoints keep their keys);
             true, or a dict of ``torch.compile`` arguments (e.g. ``{mode: max-autotune}``). The first steps
-            of a run wait for the compilation (minutes on a CPU; inductor caches it for later runs).
+            of a run wait for the compilation (``python -m bench.backbones --modes compile`` measures it, column
+            "compile s"; inductor caches it for later runs).
         optimizer: "sgd" (momentum, the authors' choice) or "adamw".
         lr: peak learning rate; default 0.1 x global batch / 256 for SGD, 1e-3 x global batch / 256 for AdamW.
         momentum: SGD momentum.
@@ -130,7 +127,7 @@ class FishNetModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logs = self.head.training_step(self.network, batch)
-        self._log_headline_in_progress_bar({f"train/{k}": v for k, v in logs.items()}, batch_size=_batch_size(batch))
+        self._log_headline_in_progress_bar({f"train/{k}": v for k, v in logs.items()}, batch_size=images_in(batch))
         return loss
 
     def _log_headline_in_progress_bar(self, logs: dict[str, Any], **kwargs: Any) -> None:
@@ -163,11 +160,17 @@ class FishNetModule(L.LightningModule):
         self._log_headline_in_progress_bar({f"{stage}/{name}": value for name, value in logs.items()}, sync_dist=False)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
-        if not _batch_size(batch):  # every image of the batch was unreadable (datamodules.predict)
+        if not images_in(batch):  # every image of the batch was unreadable (datamodules.predict)
             return []
         return self.head.predict_step(self.network, batch)
 
     def on_train_epoch_start(self) -> None:
+        """``unfreeze_at_epoch``: the whole backbone trains from this epoch on, BatchNorms frozen by ``freeze_bn``
+        stay frozen. Not Lightning's ``BackboneFinetuning``: it freezes all of ``backbone`` (for classification the
+        whole network) where ``frozen_stages`` freezes the first stages; it adds the backbone as a new optimizer
+        group with its own learning-rate ramp, which ``LambdaLR`` and ``backbone_lr_mult`` do not cover (the
+        frozen parameters are in the optimizer from the start); and its frozen BatchNorms stop tracking running
+        statistics and normalise each training batch with its own, where ``freeze_bn`` keeps them in eval mode."""
         if self.hparams.unfreeze_at_epoch and self.current_epoch == self.hparams.unfreeze_at_epoch:
             self.backbone.requires_grad_(True)
             freeze(self.backbone, self.hparams.backbone, 0, self.hparams.freeze_bn)  # keeps freeze_bn
@@ -180,7 +183,7 @@ class FishNetModule(L.LightningModule):
         # Runs before Lightning converts BatchNorm and wraps the model in DDP, where torch would fail
         # with "SyncBatchNorm layers only work with GPU modules" and no hint what to change.
         strategy = self.trainer.strategy
-        if getattr(strategy, "_layer_sync", None) is not None and strategy.root_device.type == "cpu":
+        if sync_batchnorm_requested(strategy) and strategy.root_device.type == "cpu":
             raise RuntimeError("sync_batchnorm=True needs GPUs (torch's SyncBatchNorm does not run on the CPU); "
                                "set --trainer.sync_batchnorm=false for CPU runs")
 
@@ -198,12 +201,26 @@ class FishNetModule(L.LightningModule):
             opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         else:
             opt = torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay)
-        total = max(1, self.trainer.estimated_stepping_batches)  # also loads the train dataloader
-        batches = self.trainer.num_training_batches
-        per_epoch = batches / self.trainer.accumulate_grad_batches if math.isfinite(batches) else total
-        factor = LRFactor(hp.schedule, total, per_epoch, hp.milestones, hp.gamma, hp.warmup_epochs)
+        # The schedule's length in steps is set when training starts (on_train_start): asking the trainer here
+        # would load the train dataloader before a checkpoint is restored (Lightning #20550).
+        factor = LRFactor(hp.schedule, milestones=hp.milestones, gamma=hp.gamma, warmup_epochs=hp.warmup_epochs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Give the learning-rate schedule the run's length, now that the fit loop has loaded the train dataloader
+        itself (after restoring a checkpoint's loader state), and set the rate of the coming step with it."""
+        scheduler = self.lr_schedulers()
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # e.g. a subclass's own optimizers
+            return
+        t = self.trainer
+        total = max(1, t.estimated_stepping_batches)
+        batches = t.num_training_batches
+        per_epoch = batches / t.accumulate_grad_batches if math.isfinite(batches) else total
+        for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            if isinstance(factor, LRFactor):
+                factor.set_length(total, per_epoch)
+                group["lr"] = base_lr * factor(scheduler.last_epoch)  # as LambdaLR.step computes it
 
     def _global_batch(self) -> int:
         dm = getattr(self.trainer, "datamodule", None)
@@ -212,39 +229,68 @@ class FishNetModule(L.LightningModule):
         return per_device * t.world_size * t.accumulate_grad_batches
 
     def configure_callbacks(self) -> list[L.Callback]:
-        best = L.pytorch.callbacks.ModelCheckpoint(
+        """Our defaults, each only when the trainer has none of its kind: Lightning lets a callback returned here
+        replace the trainer's of the same type, so the user's (e.g. a ``ModelCheckpoint`` with its own
+        ``monitor``, or a prediction writer) would otherwise be dropped. The ``ModelCheckpoint`` Lightning adds
+        when none is configured (every argument at its default) is replaced by ours, which keeps the best
+        checkpoints by the head's ``monitor``."""
+        best = ModelCheckpoint(
             monitor=self.head.monitor, mode=self.head.monitor_mode,
             filename="epoch{epoch:03d}-" + self.head.monitor.replace("/", "_") + "={" + self.head.monitor + ":.4f}",
             auto_insert_metric_name=False)
-        callbacks = [best, RNGStateCheckpoint(), StopOnNonFiniteLoss()]
-        # Defaults the user may have configured differently on the trainer (same types would replace theirs).
-        for default in (LastCheckpoint(), *task_callbacks(self.head)):
+        defaults = (best, RNGStateCheckpoint(), StopOnNonFiniteLoss(), LastCheckpoint(), *task_callbacks(self.head))
+        callbacks = []
+        for default in defaults:
             kind = BasePredictionWriter if isinstance(default, BasePredictionWriter) else type(default)
-            if not any(isinstance(c, kind) for c in self.trainer.callbacks):
+            if not any(isinstance(c, kind) and not _lightnings_default(c) for c in self.trainer.callbacks):
                 callbacks.append(default)
         return callbacks
 
 
 class LRFactor:
-    """Learning-rate multiplier at a step: linear warm-up, then step, cosine, poly or constant."""
+    """Learning-rate multiplier at a step: linear warm-up, then step, cosine, poly or constant.
 
-    def __init__(self, schedule: str, total_steps: int, steps_per_epoch: float, milestones, gamma: float,
-                 warmup_epochs: float):
-        self.schedule, self.total, self.gamma = schedule, total_steps, gamma
-        self.milestones = [m * steps_per_epoch for m in milestones]
-        self.warmup = min(warmup_epochs * steps_per_epoch, total_steps)
+    Lengths are in epochs; ``set_length`` gives the run's steps (``FishNetModule.on_train_start``), and until then
+    the factor is 1 (``LambdaLR`` asks once when it is built). Attributes are plain values: ``LambdaLR`` saves
+    them in checkpoints.
+    """
+
+    def __init__(self, schedule: str, milestones=(), gamma: float = 0.1, warmup_epochs: float = 0.0,
+                 total_steps: float | None = None, steps_per_epoch: float | None = None):
+        self.schedule, self.milestone_epochs, self.gamma = schedule, list(milestones), gamma
+        self.warmup_epochs = warmup_epochs
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+
+    def set_length(self, total_steps: float, steps_per_epoch: float) -> None:
+        """The run's optimizer steps in all, and per epoch (both may be fractional or, for the total, infinite)."""
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1.0, self.total - self.warmup))
+        if self.total_steps is None or self.steps_per_epoch is None:
+            return 1.0
+        total = self.total_steps
+        warmup = min(self.warmup_epochs * self.steps_per_epoch, total)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
         if self.schedule == "step":
-            return self.gamma ** bisect.bisect_right(self.milestones, step)
+            milestones = [m * self.steps_per_epoch for m in self.milestone_epochs]
+            return self.gamma ** bisect.bisect_right(milestones, step)
         if self.schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         if self.schedule == "poly":
             return (1.0 - progress) ** 0.9
         return 1.0
+
+
+def _lightnings_default(callback: L.Callback) -> bool:
+    """Whether ``callback`` is a ``ModelCheckpoint`` with every argument at its default, as the one Lightning adds
+    to a trainer configured with none (``enable_checkpointing``)."""
+    if type(callback) is not ModelCheckpoint:
+        return False
+    default = ModelCheckpoint()
+    return all(getattr(callback, name) == getattr(default, name) for name in (
+        "state_key", "monitor", "dirpath", "filename", "save_last", "save_top_k", "save_weights_only"))
 
 
 def _datamodule_attr(module: FishNetModule, name: str) -> Any:
@@ -276,8 +322,3 @@ def _predict_data(module: FishNetModule) -> dict[str, Any]:
     if "palette" in record:
         record["palette"] = [list(map(int, colour)) for colour in record["palette"]]
     return record
-
-
-def _batch_size(batch: dict) -> int:
-    images = batch.get("image", batch.get("images"))
-    return 0 if images is None else len(images)

@@ -14,7 +14,7 @@ import torch
 
 from datamodules.imagenet import QUICKSTART_ROOT
 from fishnet_pl import FishNetModule
-from fishnet_pl.models.weights import CKPT_CLASS_NAMES_KEY
+from fishnet_pl.checkpoint import CKPT_CLASS_NAMES_KEY
 
 from .conftest import (
     CONFIGS,

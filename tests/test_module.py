@@ -1,12 +1,22 @@
-"""FishNetModule pieces a user configures: learning-rate rules, heads from checkpoints, bad names."""
+"""FishNetModule pieces a user configures: learning-rate rules, heads from checkpoints, bad names, its default
+callbacks beside the user's."""
 
 from __future__ import annotations
 
+import csv
+import logging
+import math
+from pathlib import Path
+
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from fishnet_pl import ClassificationHead, FishNetModule
 from fishnet_pl.module import LRFactor
+
+from .conftest import csv_logger, run_cli
+from .test_classification_run import small_run
 
 
 def test_step_schedule_divides_by_ten_at_each_milestone_epoch():
@@ -23,12 +33,64 @@ def test_cosine_and_poly_schedules_start_after_linear_warmup_and_end_at_zero():
     assert poly(0) == 1.0 and poly(50) == pytest.approx(0.5**0.9) and poly(100) == 0.0
 
 
+def test_the_schedule_takes_the_runs_length_when_training_starts_without_loading_the_data_early(in_tmp, caplog):
+    # The quickstart's lr 0.02, cosine after 1 warm-up epoch; 2 epochs of 4 steps. Asking the run's length in
+    # configure_optimizers loaded the train data before a checkpoint was restored (Lightning #20550) and said so.
+    lightning_log = logging.getLogger("lightning.pytorch")  # Lightning's messages do not reach the root logger
+    lightning_log.addHandler(caplog.handler)
+    try:
+        run_cli(["fit", *small_run(in_tmp), "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+                 *csv_logger("run")])
+    finally:
+        lightning_log.removeHandler(caplog.handler)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("max_epochs=2` reached" in m for m in messages), messages  # Lightning's messages are seen here
+    assert not any("to estimate number of stepping batches" in m for m in messages), messages
+    with open("run/metrics.csv") as f:
+        lrs = [float(row["lr-SGD"]) for row in csv.DictReader(f) if row.get("lr-SGD")]
+    warmup = [0.02 * (step + 1) / 4 for step in range(4)]
+    cosine = [0.02 * 0.5 * (1 + math.cos(math.pi * step / 4)) for step in range(4)]
+    assert lrs == pytest.approx(warmup + cosine)
+
+
+def test_a_users_model_checkpoint_is_kept_with_its_monitor_and_last_ckpt_beside_its_files(in_tmp):
+    cli = run_cli(["fit", *small_run(in_tmp), "--trainer.max_epochs", "2", *csv_logger("run"),
+                   "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "val/loss",
+                   "--trainer.callbacks.filename", "loss-{epoch}", "--trainer.callbacks.save_top_k", "2"])
+    (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]  # the user's, not ours
+    assert checkpoint.monitor == "val/loss" and checkpoint.dirpath == str(Path("run", "checkpoints"))
+    assert sorted(p.name for p in Path(checkpoint.dirpath).iterdir()) == [
+        "last.ckpt", "loss-epoch=0.ckpt", "loss-epoch=1.ckpt"]
+    saved = torch.load(Path(checkpoint.dirpath, "last.ckpt"), weights_only=True)
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert state["monitor"] == "val/loss" and state["best_model_path"].startswith(checkpoint.dirpath)
+    with open("run/metrics.csv") as f:
+        val_losses = [float(row["val/loss"]) for row in csv.DictReader(f) if row["val/loss"]]
+    assert len(val_losses) == 2 and state["best_model_score"].item() == pytest.approx(min(val_losses))
+    link = Path(cli.trainer.default_root_dir, "last.ckpt")  # LastCheckpoint's link to the newest run's
+    assert link.resolve() == Path(checkpoint.dirpath, "last.ckpt").resolve()
+
+
+def test_lightnings_throughput_monitor_counts_our_batches_on_the_cpu_beside_images_per_second(in_tmp):
+    # The command ImagesPerSecond's docstring gives; a window of 2 batches, so 4 steps log it.
+    run_cli(["fit", *small_run(in_tmp), "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
+             *csv_logger("run"), "--trainer.callbacks+=ThroughputMonitor",
+             "--trainer.callbacks.batch_size_fn", "fishnet_pl.callbacks.images_in",
+             "--trainer.callbacks.window_size", "2"])
+    with open("run/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    monitored = [float(r["train/device/samples_per_sec"]) for r in rows if r.get("train/device/samples_per_sec")]
+    ours = [float(r["train/img_per_s"]) for r in rows if r.get("train/img_per_s")]
+    assert len(monitored) >= 2 and all(v > 0 for v in monitored) and len(ours) == 3 and all(v > 0 for v in ours)
+    samples = [float(r["train/samples"]) for r in rows if r.get("train/samples")]
+    assert samples[-1] == 4 * 16  # 4 batches of the quickstart's 16 images: images_in counted each image
+
+
 def test_default_lr_is_0_1_times_global_batch_over_256():
     module = FishNetModule(backbone="fishnet_tiny", num_classes=3)
 
     class Trainer:  # what configure_optimizers reads: 2 devices x 64 images x 2 accumulated batches
-        world_size, accumulate_grad_batches, estimated_stepping_batches = 2, 2, 100
-        num_training_batches, max_epochs = 100, 1
+        world_size, accumulate_grad_batches = 2, 2
         datamodule = type("DM", (), {"batch_size": 64})()
 
     module.trainer = Trainer()
@@ -59,8 +121,7 @@ def test_adamw_alternative_scales_its_default_lr_with_the_batch_too():
     module = FishNetModule(backbone="fishnet_tiny", num_classes=3, optimizer="adamw", weight_decay=0.05)
 
     class Trainer:
-        world_size, accumulate_grad_batches, estimated_stepping_batches = 1, 1, 10
-        num_training_batches, max_epochs = 10, 1
+        world_size, accumulate_grad_batches = 1, 1
         datamodule = type("DM", (), {"batch_size": 512})()
 
     module.trainer = Trainer()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.cityscapes import PALETTE
+from datamodules.cityscapes_labels import PALETTE
 from datamodules.quickstart_segmentation import write_cityscapes
 from fishnet_pl import FishNetModule, SegmentationHead
 
