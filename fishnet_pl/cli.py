@@ -288,10 +288,11 @@ CHATTER_WARNINGS = (
 
 
 class _DropTips(logging.Filter):
-    """Lightning's advertisements for its cloud services (litlogger, litmodels)."""
+    """Lightning's advertisements for its cloud services (litlogger, litmodels), and its notice that the module's
+    ``ModelCheckpoint`` replaces Lightning's default one (the module adds its own only when the user has none)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        return not str(record.msg).startswith(("💡 Tip", "The following callbacks returned in `LightningModule"))
 
 
 def quiet_third_party_chatter() -> None:

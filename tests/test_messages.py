@@ -9,7 +9,7 @@ from fishnet_pl import demo
 
 from .conftest import CONFIGS, run_checkpoint, run_cli_subprocess
 
-CHATTER = ("💡 Tip", "LeafSpec", "No seed found", "The dirpath has changed")
+CHATTER = ("💡 Tip", "LeafSpec", "No seed found", "The dirpath has changed", "configure_callbacks` will override")
 
 
 def test_fit_resume_and_predict_print_no_third_party_chatter(tmp_path):
