@@ -37,6 +37,7 @@ from datamodules.common import (
     require_dir,
     use_quickstart_data,
 )
+from datamodules.dataset_info import DatasetInfo
 from datamodules.quickstart_detection import DETECTION_CATEGORIES, write_detection
 
 log = logging.getLogger(__name__)
@@ -253,14 +254,10 @@ class PredictDataset(AugmentedDataset):
 
 
 def collate_detection(items: list[dict]) -> dict:
-    """Lists, not stacked tensors: detection images differ in size and targets in length."""
-    batch = {"images": [item["image"] for item in items]}
-    if "target" in items[0]:
-        batch["targets"] = [item["target"] for item in items]
-    batch["paths"] = [item["path"] for item in items]
-    if all("image_id" in item for item in items):
-        batch["image_ids"] = [item["image_id"] for item in items]
-    return batch
+    """The items' keys, each holding a list, not a stacked tensor: detection images differ in size and targets
+    in length."""
+    keys = [key for key in ("image", "target", "path", "image_id") if all(key in item for item in items)]
+    return {key: [item[key] for item in items] for key in keys}
 
 
 class GroupedBatchSampler(BatchSampler):
@@ -331,6 +328,7 @@ class CategoryLabels:
     """Labels of a COCO set's ``categories`` (sorted by id): label k (1..K, 0 is background) is the k-th."""
 
     categories: list[dict]
+    batch_size: int
 
     @property
     def num_classes(self) -> int:
@@ -351,16 +349,24 @@ class CategoryLabels:
     def category_id_to_label(self) -> dict[int, int]:
         return {c["id"]: label for label, c in enumerate(self.categories, 1)}
 
+    @property
+    def dataset_info(self) -> DatasetInfo:
+        """Category names and ids (``DatasetInfo``; checkpoints keep it); images go in as they are (the detector
+        resizes them itself)."""
+        return DatasetInfo(class_names=self.class_names, label_to_category_id=self.label_to_category_id,
+                           predict={"transform": "datamodules.coco.eval_transform", "batch_size": self.batch_size,
+                                    "collate": "datamodules.coco.collate_detection"})
+
 
 class COCODataModule(CategoryLabels, AugmentedDataModule):
     """COCO 2017 detection / instance segmentation in the official layout, for torchvision-style detectors.
 
-    Batches are ``{"images": [float32 [3, H, W] in 0..1], "targets": [dict], "paths": [str]}``; a target
+    Batches are ``{"image": [float32 [3, H, W] in 0..1], "target": [dict], "path": [str]}``; a target
     holds ``boxes`` (float32 [N, 4] xyxy pixels), ``labels`` (int64 [N], 1..K), ``masks`` (uint8
     [N, H, W], with ``with_masks``), ``image_id`` (the COCO id), ``iscrowd`` (int64 [N]) and ``area``
     (float32 [N]). Training targets hold no crowd regions, and images without any other annotation
     are left out of training; evaluation keeps both (crowds with ``iscrowd`` 1, for the evaluator to
-    ignore). Predict batches hold ``images``, ``paths`` and, for the val split, ``image_ids``.
+    ignore). Predict batches hold ``image``, ``path`` and, for the val split, ``image_id``.
     Labels are the categories sorted by COCO id; ``label_to_category_id`` maps them back.
 
     Args:
@@ -419,12 +425,6 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
         if self._uses_quickstart_data() and not Path(self.val_annotation_file).is_file():
             return list(DETECTION_CATEGORIES)  # prepare_data has not written them yet
         return read_categories(Path(self.val_annotation_file))
-
-    @property
-    def predict_config(self) -> dict:
-        """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
-        return {"transform": "datamodules.coco.eval_transform", "collate": "datamodules.coco.collate_detection",
-                "batch_size": self.batch_size, "preprocessing": {}}  # the image as it is: the detector resizes
 
     def prepare_data(self) -> None:
         if self._uses_quickstart_data():

@@ -25,6 +25,7 @@ from datamodules.common import (
     require_dir,
     use_quickstart_data,
 )
+from datamodules.dataset_info import DatasetInfo
 from datamodules.imagenet_labels import SYNSET_MAPPING, synset_names
 from datamodules.quickstart import CLASSIFICATION_CLASSES, CLASSIFICATION_NAMES, write_classification
 
@@ -75,6 +76,13 @@ def eval_preprocessing(image_size: int, resize: int) -> dict:
     exports): the shorter side to ``resize`` (OpenCV's bilinear), then the centre ``input_size`` crop."""
     return {"input_size": [image_size, image_size], "resize": resize, "crop_pct": image_size / resize,
             "interpolation": "bilinear"}
+
+
+def classification_info(class_names: list[str], image_size: int, resize: int, batch_size: int) -> DatasetInfo:
+    """What an ImageNet-style datamodule declares: its class names and ``eval_transform``."""
+    return DatasetInfo(class_names=class_names, preprocessing=eval_preprocessing(image_size, resize),
+                       predict={"transform": "datamodules.imagenet.eval_transform", "batch_size": batch_size,
+                                "transform_kwargs": {"image_size": image_size, "resize": resize}})
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -146,8 +154,6 @@ class ImageNetDataModule(AugmentedDataModule):
         super().__init__()
         image_size = image_size or 224  # timm's default input size, for use without the CLI
         val_resize = val_resize or round(image_size / 0.875)
-        if image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32 for FishNet, got {image_size}")
         self.root, self.batch_size, self.num_workers = Path(root).absolute(), batch_size, num_workers
         self.image_size, self.val_resize, self.val_ground_truth = image_size, val_resize, val_ground_truth
         self.quickstart, self.skip_unreadable, self.pin_memory = quickstart, skip_unreadable, pin_memory
@@ -189,11 +195,9 @@ class ImageNetDataModule(AugmentedDataModule):
         return len(self.classes)
 
     @property
-    def predict_config(self) -> dict:
-        """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
-        return {"transform": "datamodules.imagenet.eval_transform", "batch_size": self.batch_size,
-                "transform_kwargs": {"image_size": self.image_size, "resize": self.val_resize},
-                "preprocessing": eval_preprocessing(self.image_size, self.val_resize)}
+    def dataset_info(self) -> DatasetInfo:
+        """Class names and the evaluation transform (``DatasetInfo``; checkpoints keep it)."""
+        return classification_info(self.class_names, self.image_size, self.val_resize, self.batch_size)
 
     def prepare_data(self) -> None:
         if self._uses_quickstart_data():

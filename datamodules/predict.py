@@ -2,7 +2,7 @@
 
 ``fishnet-pl predict --ckpt_path CKPT --data.predict_root DIR --predict_dir OUT`` needs no config and
 no dataset: the CLI picks ``PredictFolderDataModule`` and fills it from the checkpoint, where the module
-stored the training datamodule's ``predict_config`` (its evaluation transform, batch layout, class
+stored the training datamodule's ``dataset_info`` (its evaluation transform, batch layout, class
 names, palette, COCO category ids). Any image file under ``DIR`` counts (nested folders, JPEG, PNG,
 grayscale, CMYK, palette, any size); one that cannot be decoded is logged by name and skipped, the
 others are still predicted, and the prediction writers list the skipped files in ``unreadable.txt``.
@@ -26,6 +26,7 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.common import DatasetError, collate_same_size, find_images, read_rgb
+from datamodules.dataset_info import DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,8 @@ def import_object(path: str) -> Any:
 class PredictFolderDataModule(L.LightningDataModule):
     """Every image under ``predict_root``, for ``predict`` only.
 
-    The other arguments are a training datamodule's ``predict_config`` (the CLI copies them from the
-    checkpoint; set any of them to override):
+    The other arguments are what a training datamodule declared (its ``dataset_info``: the CLI copies them from
+    the checkpoint; set any of them to override):
 
     Args:
         predict_root: folder of images, searched recursively.
@@ -122,6 +123,12 @@ class PredictFolderDataModule(L.LightningDataModule):
             raise ValueError("PredictFolderDataModule needs num_classes: give --ckpt_path a fishnet-pl checkpoint "
                              "(which records it) or set --data.init_args.num_classes")
         return self._num_classes
+
+    @property
+    def dataset_info(self) -> DatasetInfo:
+        """What the checkpoint recorded (or the arguments override): names, palette, category ids."""
+        return DatasetInfo(class_names=self.class_names, palette=self.palette,
+                           label_to_category_id=self.label_to_category_id)
 
     def setup(self, stage: str) -> None:
         if stage != "predict":

@@ -25,6 +25,7 @@ from datamodules.common import (
     find_images,
     read_rgb,
 )
+from datamodules.dataset_info import DatasetInfo
 
 IGNORE_INDEX = 255  # unlabelled pixels in batches (and the padding of training crops and evaluation batches)
 
@@ -139,11 +140,18 @@ class SegmentationDataModule(AugmentedDataModule):
         raise NotImplementedError
 
     @property
-    def predict_config(self) -> dict:
-        """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
-        return {"transform": "datamodules.segmentation.eval_transform",
-                "transform_kwargs": {"scale": self.eval_scale}, "collate": "datamodules.common.collate_padded",
-                "preprocessing": eval_preprocessing(self.eval_scale)}
+    def palette(self) -> list[tuple[int, int, int]] | None:
+        """RGB colour of each class, for predicted masks; None: the segmentation head's default colours."""
+        return None
+
+    @property
+    def dataset_info(self) -> DatasetInfo:
+        """Class names, palette, ignore index and the evaluation transform (``DatasetInfo``; checkpoints keep it)."""
+        return DatasetInfo(class_names=self.class_names, palette=self.palette, ignore_index=IGNORE_INDEX,
+                           preprocessing=eval_preprocessing(self.eval_scale),
+                           predict={"transform": "datamodules.segmentation.eval_transform",
+                                    "transform_kwargs": {"scale": self.eval_scale},
+                                    "collate": "datamodules.common.collate_padded"})
 
     def setup(self, stage: str) -> None:
         evaluate, read_mask = eval_transform(self.eval_scale), self.read_mask()

@@ -9,7 +9,7 @@ describes what they hold); ``litdata.StreamingDataset`` reads them:
 
 Batches are the folder datamodule's (``datamodules.imagenet``: same decoding, the same transforms from the
 same functions, same keys), except that ``path`` is relative to the converted root. COCO's
-(``StreamingCOCODataModule``) are ``collate_detection``'s, ``paths`` relative. Aspect-ratio grouping needs every
+(``StreamingCOCODataModule``) are ``collate_detection``'s, ``path`` relative. Aspect-ratio grouping needs every
 image's size before the epoch starts, which a stream does not have: batches mix wide and tall images (the detector
 pads each batch to its largest image).
 
@@ -40,7 +40,8 @@ except ImportError as err:  # an optional extra: say which
 
 from datamodules import coco
 from datamodules.common import DatasetError, SplitLoaders, init_worker, read_rgb, seed_pipeline
-from datamodules.imagenet import eval_preprocessing, eval_transform, train_transform
+from datamodules.dataset_info import DatasetInfo
+from datamodules.imagenet import classification_info, eval_transform, train_transform
 from datamodules.streaming_convert import ANNOTATIONS, CLASSES_FILE, coco_image_from_json, is_url, main
 
 log = logging.getLogger(__name__)
@@ -222,8 +223,6 @@ class StreamingImageNetDataModule(StreamingDataModule):
                  pin_memory: bool = True):
         super().__init__(shards, batch_size, num_workers, cache_dir, max_cache_size, pin_memory)
         image_size = image_size or 224
-        if image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32 for FishNet, got {image_size}")
         self.image_size, self.val_resize = image_size, val_resize or round(image_size / 0.875)
 
     @property
@@ -242,11 +241,9 @@ class StreamingImageNetDataModule(StreamingDataModule):
         return len(self.classes)
 
     @property
-    def predict_config(self) -> dict:
-        """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
-        return {"transform": "datamodules.imagenet.eval_transform", "batch_size": self.batch_size,
-                "transform_kwargs": {"image_size": self.image_size, "resize": self.val_resize},
-                "preprocessing": eval_preprocessing(self.image_size, self.val_resize)}
+    def dataset_info(self) -> DatasetInfo:
+        """Class names and the evaluation transform (``DatasetInfo``; checkpoints keep it)."""
+        return classification_info(self.class_names, self.image_size, self.val_resize, self.batch_size)
 
     def setup(self, stage: str) -> None:
         self.classes  # noqa: B018 -- a missing or unconverted dataset fails here, naming the path
@@ -319,12 +316,6 @@ class StreamingCOCODataModule(coco.CategoryLabels, StreamingDataModule):
                 source = str(_download(source, cache / Path(name).name))
             self._annotation_files[split] = source
         return self._annotation_files[split]
-
-    @property
-    def predict_config(self) -> dict:
-        """How ``PredictFolderDataModule`` prepares images for a model trained on this data (checkpoints keep it)."""
-        return {"transform": "datamodules.coco.eval_transform", "collate": "datamodules.coco.collate_detection",
-                "batch_size": self.batch_size, "preprocessing": {}}  # the image as it is: the detector resizes
 
     def setup(self, stage: str) -> None:
         if self.with_masks and not self.record["with_masks"]:

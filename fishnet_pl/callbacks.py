@@ -117,9 +117,9 @@ def _set_rng_states(state: dict[str, Any]) -> None:
 
 
 def images_in(batch: dict) -> int:
-    """The number of images in a batch of our datamodules (its ``image`` or ``images``); ThroughputMonitor's
-    ``batch_size_fn`` (``--trainer.callbacks.batch_size_fn fishnet_pl.callbacks.images_in``)."""
-    images = batch.get("image", batch.get("images"))
+    """The number of images in a batch of our datamodules (its ``image``: a tensor or, for detection, a list);
+    ThroughputMonitor's ``batch_size_fn`` (``--trainer.callbacks.batch_size_fn fishnet_pl.callbacks.images_in``)."""
+    images = batch.get("image")
     return 0 if images is None else len(images)
 
 

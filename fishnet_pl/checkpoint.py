@@ -2,7 +2,7 @@
 
 Each reader loads with ``torch.load(weights_only=True)`` (no code in the file runs) through ``load_file``, so a
 missing, truncated or foreign file fails the same way everywhere, naming the file. What a file holds decides the
-reader: our Lightning ``.ckpt`` (``read_checkpoint``, ``check_checkpoint``, ``recorded_predict_data``), a bare
+reader: our Lightning ``.ckpt`` (``read_checkpoint``, ``check_checkpoint``, ``recorded_dataset_info``), a bare
 state dict such as the authors' released FishNet files (``read_state_dict``), or any weights file to start a
 backbone from (``read_weights``). Only torch is needed: ``fishnet_pl.models`` and ``fishnet_pl.inference`` use
 this without Lightning.
@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from datamodules.dataset_info import DatasetInfo
+
 #: Key under which our Lightning checkpoints record where the backbone sits in the task network.
 CKPT_BACKBONE_KEY = "fishnet_pl_backbone"
-#: Key under which they store the datamodule's class names (absent when it had none).
-CKPT_CLASS_NAMES_KEY = "fishnet_pl_class_names"
-#: Key under which they store how to prepare images to predict (``datamodules.predict.PredictFolderDataModule``'s
-#: arguments: the datamodule's ``predict_config``, ``palette``, ``label_to_category_id``).
-CKPT_PREDICT_DATA_KEY = "fishnet_pl_predict_data"
+#: Key under which they store what the datamodule declared (``datamodules.dataset_info.DatasetInfo``, as a dict).
+CKPT_DATASET_KEY = "fishnet_pl_dataset"
+#: The keys of checkpoints saved before ``DatasetInfo``: class names, and the predict datamodule's arguments with
+#: ``palette``, ``label_to_category_id`` and ``preprocessing``. Still read.
+LEGACY_CLASS_NAMES_KEY, LEGACY_PREDICT_DATA_KEY = "fishnet_pl_class_names", "fishnet_pl_predict_data"
 
 
 def load_file(path: str | os.PathLike, what: str = "checkpoint", map_location: Any = "cpu", mmap: bool = False) -> Any:
@@ -67,11 +70,25 @@ def check_checkpoint(ckpt_path: str | os.PathLike | None, resume: bool) -> None:
                          "that fit --ckpt_path resumes; to start a new run from it use --model.backbone_weights")
 
 
+def recorded_dataset_info(ckpt: Mapping[str, Any]) -> DatasetInfo:
+    """What a loaded checkpoint recorded of its training data (empty when nothing)."""
+    from datamodules.dataset_info import DatasetInfo  # here: `import fishnet_pl.models` (weights) stays data-free
+
+    if CKPT_DATASET_KEY in ckpt:
+        return DatasetInfo.from_dict(ckpt[CKPT_DATASET_KEY])
+    legacy = dict(ckpt.get(LEGACY_PREDICT_DATA_KEY) or {})
+    own = {name: legacy.pop(name, None) for name in ("palette", "label_to_category_id", "preprocessing")}
+    return DatasetInfo.from_dict({**own, "class_names": ckpt.get(LEGACY_CLASS_NAMES_KEY), "predict": legacy})
+
+
 def recorded_predict_data(ckpt_path: str | os.PathLike) -> dict[str, Any]:
-    """What a checkpoint recorded of its training data, as ``PredictFolderDataModule``'s arguments: its
-    ``CKPT_PREDICT_DATA_KEY`` entries, ``class_names`` and ``num_classes`` (None where it has none)."""
+    """What a checkpoint recorded of its training data, as ``PredictFolderDataModule``'s arguments: how to prepare
+    images (``DatasetInfo.predict``), ``class_names``, ``palette``, ``label_to_category_id`` and ``num_classes``
+    (None where it has none)."""
     ckpt = read_checkpoint(ckpt_path, mmap=True)  # a few small entries: the tensors stay on disk
-    return {**ckpt.get(CKPT_PREDICT_DATA_KEY, {}), "class_names": ckpt.get(CKPT_CLASS_NAMES_KEY),
+    info = recorded_dataset_info(ckpt)
+    return {**info.predict, "class_names": info.class_names, "palette": info.palette,
+            "label_to_category_id": info.label_to_category_id,
             "num_classes": ckpt["hyper_parameters"].get("num_classes")}
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from fishnet_pl.checkpoint import CKPT_PREDICT_DATA_KEY, read_checkpoint
+from fishnet_pl.checkpoint import read_checkpoint, recorded_dataset_info
 from fishnet_pl.inference import build_from_checkpoint, preprocessing
 from fishnet_pl.models.fuse import fuse_for_inference
 from fishnet_pl.tasks.base import ExportSpec, as_head
@@ -48,7 +48,7 @@ DEFAULT_OPSET = 18
 def exportable(ckpt: dict[str, Any], input_size: tuple[int, int] | None = None) -> ExportSpec:
     """What to export (eval mode, BatchNorms folded), as the checkpoint's head wraps its network."""
     network, head = build_from_checkpoint(ckpt)
-    info = preprocessing(network, head, ckpt.get(CKPT_PREDICT_DATA_KEY))
+    info = preprocessing(network, head, recorded_dataset_info(ckpt))
     network = fuse_for_inference(network, channels_last=False)  # layouts are the runtime's business
     return head.export_wrapper(network, info, ckpt["hyper_parameters"].get("in_channels", 3), input_size)
 

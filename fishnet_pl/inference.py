@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from typing import Any
 
 from timm.data import DEFAULT_CROP_PCT
 from torch import nn
 
-from fishnet_pl.checkpoint import CKPT_CLASS_NAMES_KEY, CKPT_PREDICT_DATA_KEY, read_checkpoint
+from datamodules.dataset_info import DatasetInfo
+from fishnet_pl.checkpoint import read_checkpoint, recorded_dataset_info
 from fishnet_pl.models.fuse import fuse_for_inference
 from fishnet_pl.models.registry import check_backbone_name
 from fishnet_pl.tasks.base import TaskHead, as_head
@@ -36,18 +36,16 @@ def build_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, TaskHead]:
     return network, head
 
 
-def preprocessing(network: nn.Module, head: TaskHead, predict_data: Mapping[str, Any] | None = None
-                  ) -> dict[str, Any]:
+def preprocessing(network: nn.Module, head: TaskHead, data: DatasetInfo | None = None) -> dict[str, Any]:
     """What the network expects of its input: the evaluation transform of its training data, as ``fishnet-pl
     predict`` applies it.
 
     Args:
         network: the task network (``build_from_checkpoint``).
         head: the head that built it.
-        predict_data: what the checkpoint records of its training datamodule under ``CKPT_PREDICT_DATA_KEY``
-            (its ``predict_config``, whose ``preprocessing`` describes the evaluation transform in plain values:
-            ``eval_preprocessing`` beside each datamodule's ``eval_transform``); None or without it: the
-            backbone's timm ``pretrained_cfg``.
+        data: what the checkpoint records of its training data (``recorded_dataset_info``), whose
+            ``preprocessing`` describes the evaluation transform in plain values (``eval_preprocessing`` beside
+            each datamodule's ``eval_transform``); None or without it: the backbone's timm ``pretrained_cfg``.
 
     Returns:
         ``mean``, ``std``: normalise float [0, 1] images with these.
@@ -68,14 +66,15 @@ def preprocessing(network: nn.Module, head: TaskHead, predict_data: Mapping[str,
     info: dict[str, Any] = {"mean": tuple(mean), "std": tuple(std), "input_size": (len(mean), *size),
                             "resize": round(size[-1] / crop_pct), "crop_pct": crop_pct,
                             "interpolation": cfg.get("interpolation")}
-    recorded = dict((predict_data or {}).get("preprocessing") or {})  # the datamodule's own description
+    data = data or DatasetInfo()
+    recorded = dict(data.preprocessing)  # the datamodule's own description
     if "input_size" in recorded:
         recorded["input_size"] = (len(mean), *recorded["input_size"])
     info.update(recorded)
-    if "preprocessing" not in (predict_data or {}) and (predict_data or {}).get("transform"):
+    if not recorded and data.predict.get("transform_kwargs"):
         log.warning("the checkpoint records its evaluation transform %r but not its plain description (saved by "
                     "an older fishnet-pl): preprocessing gives the backbone's pretrained_cfg, which may differ",
-                    predict_data["transform"])
+                    data.predict["transform"])
     info.update({k: v for k, v in own.items() if k not in ("mean", "std")})
     return info
 
@@ -107,7 +106,7 @@ def load_network(ckpt_path: str | os.PathLike, map_location: Any = "cpu", fuse: 
     network, head = build_from_checkpoint(ckpt)
     if fuse:
         network = fuse_for_inference(network)
-    network.preprocessing = preprocessing(network, head, ckpt.get(CKPT_PREDICT_DATA_KEY))
-    names = ckpt.get(CKPT_CLASS_NAMES_KEY)
-    network.class_names = list(names) if names is not None else None
+    data = recorded_dataset_info(ckpt)
+    network.preprocessing = preprocessing(network, head, data)
+    network.class_names = data.class_names
     return network

@@ -15,8 +15,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 
+from datamodules.dataset_info import DatasetInfo, dataset_info
 from fishnet_pl.callbacks import LastCheckpoint, RNGStateCheckpoint, StopOnNonFiniteLoss, images_in
-from fishnet_pl.checkpoint import CKPT_BACKBONE_KEY, CKPT_CLASS_NAMES_KEY, CKPT_PREDICT_DATA_KEY
+from fishnet_pl.checkpoint import CKPT_BACKBONE_KEY, CKPT_DATASET_KEY, recorded_dataset_info
 from fishnet_pl.lightning_compat import sync_batchnorm_requested
 from fishnet_pl.models.registry import check_backbone_name
 from fishnet_pl.models.weights import freeze, keep_frozen_norms_in_eval, load_backbone_weights
@@ -87,7 +88,6 @@ class FishNetModule(L.LightningModule):
         self.hparams["head"] = head.config()  # plain values: load_from_checkpoint rebuilds the head
         check_backbone_name(backbone)
         self.head = head
-        self._predict_data: dict[str, Any] = {}  # what setup reads from the datamodule, for checkpoints
         self.network = head.build(backbone, num_classes, in_channels)
         if backbone_weights:
             load_backbone_weights(self.backbone, backbone, backbone_weights)
@@ -116,13 +116,15 @@ class FishNetModule(L.LightningModule):
         # Where the backbone sits, so --model.backbone_weights can start any task from this file.
         prefix = f"network.{self.head.backbone_path}." if self.head.backbone_path else "network."
         checkpoint[CKPT_BACKBONE_KEY] = {"name": self.hparams.backbone, "prefix": prefix}
-        # The dataset's class names (setup passed the datamodule's to the head), so fishnet_pl.load_network
-        # can label predictions without the datamodule.
-        if self.head.class_names is not None:
-            checkpoint[CKPT_CLASS_NAMES_KEY] = list(self.head.class_names)
-        # How the datamodule prepared images, so `fishnet-pl predict --ckpt_path` needs neither config nor dataset.
-        if self._predict_data:
-            checkpoint[CKPT_PREDICT_DATA_KEY] = self._predict_data
+        # What the data declared (setup passed the datamodule's to the head): class names, palette, how images
+        # were prepared, ... so predict, export and load_network need neither the config nor the dataset.
+        checkpoint[CKPT_DATASET_KEY] = self.head.dataset_info.as_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A module loaded from a file (load_from_checkpoint) knows its data too; a datamodule's, set before
+        # Lightning restores a checkpoint into a run, stays.
+        if self.head.dataset_info == DatasetInfo():
+            self.head.set_dataset_info(recorded_dataset_info(checkpoint))
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -178,14 +180,26 @@ class FishNetModule(L.LightningModule):
             log.info("epoch %d: backbone unfrozen", self.current_epoch)
 
     def setup(self, stage: str) -> None:
-        self.head.set_class_names(_class_names(self))
-        self._predict_data = _predict_data(self)
+        info = _dataset_info(self)
+        self.head.set_dataset_info(info)
+        self._check_input_size(info)
         # Runs before Lightning converts BatchNorm and wraps the model in DDP, where torch would fail
         # with "SyncBatchNorm layers only work with GPU modules" and no hint what to change.
         strategy = self.trainer.strategy
         if sync_batchnorm_requested(strategy) and strategy.root_device.type == "cpu":
             raise RuntimeError("sync_batchnorm=True needs GPUs (torch's SyncBatchNorm does not run on the CPU); "
                                "set --trainer.sync_batchnorm=false for CPU runs")
+
+    def _check_input_size(self, info: DatasetInfo) -> None:
+        """The backbone's rule on input sizes (FishNet's ``input_size_multiple``), checked against the data's
+        evaluation size before any step, so that a wrong ``image_size`` stops the run at once."""
+        multiple = getattr(self.backbone, "input_size_multiple", 1)
+        size = info.preprocessing.get("input_size")
+        if size and any(side % multiple for side in size):
+            below, above = max(multiple, size[0] // multiple * multiple), -(-size[0] // multiple) * multiple
+            raise ValueError(f"{self.hparams.backbone} needs input sides that are multiples of {multiple}, but the "
+                             f"data gives {size[0]}x{size[1]} images: set --data.init_args.image_size to a multiple "
+                             f"of {multiple} (e.g. {below} or {above})")
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -293,32 +307,12 @@ def _lightnings_default(callback: L.Callback) -> bool:
         "state_key", "monitor", "dirpath", "filename", "save_last", "save_top_k", "save_weights_only"))
 
 
-def _datamodule_attr(module: FishNetModule, name: str) -> Any:
-    """An attribute of the datamodule the module's trainer holds; None when unattached, absent or unreadable."""
+def _dataset_info(module: FishNetModule) -> DatasetInfo:
+    """What the datamodule the module's trainer holds declares (``datamodules.dataset_info``); empty when there is
+    none or it cannot say (e.g. a dataset folder that is not there any more)."""
     trainer = getattr(module, "_trainer", None)  # the trainer property raises when unattached
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
     try:
-        return getattr(datamodule, name, None)
-    except Exception:  # e.g. a dataset folder that is not there (any more)
-        return None
-
-
-def _class_names(module: FishNetModule) -> list[str] | None:
-    """The datamodule's ``class_names`` (or ``classes``) when the module is attached to a trainer with one."""
-    for attr in ("class_names", "classes"):
-        names = _datamodule_attr(module, attr)
-        if names is not None:
-            return [str(n) for n in names]
-    return None
-
-
-def _predict_data(module: FishNetModule) -> dict[str, Any]:
-    """``PredictFolderDataModule`` arguments that reproduce the datamodule's evaluation images (plain values)."""
-    record = dict(_datamodule_attr(module, "predict_config") or {})
-    for attr in ("palette", "label_to_category_id"):
-        value = _datamodule_attr(module, attr)
-        if value is not None:
-            record[attr] = value
-    if "palette" in record:
-        record["palette"] = [list(map(int, colour)) for colour in record["palette"]]
-    return record
+        return dataset_info(datamodule)
+    except Exception:
+        return DatasetInfo()

@@ -80,7 +80,7 @@ class PredictionWriter(BasePredictionWriter):
         out.mkdir(parents=True, exist_ok=True)
         datamodule = trainer.datamodule
         paths = [prediction_path(record["path"], datamodule) for record in prediction]
-        pl_module.head.write_predictions(prediction, paths, out, datamodule, first=batch_idx == 0)
+        pl_module.head.write_predictions(prediction, paths, out, first=batch_idx == 0)
         self.predicted += len(prediction)
         if batch_idx == 0:
             (out / "unreadable.txt").unlink(missing_ok=True)
@@ -131,7 +131,7 @@ class ResultsWriter(L.Callback):
         metric.compute()  # synchronised and cached: the module logs the same result after this hook
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         if trainer.is_global_zero:
-            pl_module.head.write_results(stage, log_dir, trainer.datamodule)
+            pl_module.head.write_results(stage, log_dir)
 
 
 def writes(head: TaskHead, method: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import torch
 
 from datamodules.imagenet import QUICKSTART_ROOT
 from fishnet_pl import FishNetModule
-from fishnet_pl.checkpoint import CKPT_CLASS_NAMES_KEY
+from fishnet_pl.checkpoint import CKPT_DATASET_KEY
 
 from .conftest import (
     CONFIGS,
@@ -107,7 +108,7 @@ def test_predict_writes_top5_classes_with_scores(quickstart, tmp_path):
     # Named by shape (the quickstart's LOC_synset_mapping.txt), not by class folder (wnid); so is the checkpoint.
     assert cli.datamodule.class_names == ["circle", "square", "triangle", "stripes"]
     assert first["names"][0] == cli.datamodule.class_names[first["classes"][0]]
-    assert torch.load(ckpt, weights_only=True)[CKPT_CLASS_NAMES_KEY] == cli.datamodule.class_names
+    assert torch.load(ckpt, weights_only=True)[CKPT_DATASET_KEY]["class_names"] == cli.datamodule.class_names
 
     # The checkpoint alone predicts a user's folder as the config did the val images (crop, resize, names).
     some = records[::12]
@@ -278,3 +279,19 @@ def test_sync_batchnorm_on_cpu_gives_a_clear_message(in_tmp):
     with pytest.raises(RuntimeError, match="sync_batchnorm=True needs GPUs"):
         run_cli(["fit", *small_run(in_tmp), "--trainer.max_epochs", "1", "--trainer.strategy", "ddp",
                  "--trainer.devices", "1", "--trainer.sync_batchnorm", "true", *csv_logger("sync")])
+
+
+def test_the_input_size_rule_is_the_backbones(in_tmp):
+    """FishNet needs sides that are multiples of 32 and says so before any step; a backbone without that rule
+    (Inception-v3, at the 299 pixels of its pretrained_cfg) trains at its own size."""
+    rule = (r"fishnet_tiny needs input sides that are multiples of 32, but the data gives 100x100 images: set "
+            r"--data.init_args.image_size to a multiple of 32 \(e.g. 96 or 128\)")
+    with pytest.raises(ValueError, match=rule):
+        run_cli(["fit", *small_run(in_tmp, "--data.init_args.image_size", "100", "--data.init_args.val_resize", "110")])
+    assert not list(in_tmp.rglob("*.ckpt"))
+    one_step = ["--model.backbone", "inception_v3", "--data.init_args.image_size", "null",
+                "--data.init_args.val_resize", "null", "--data.init_args.batch_size", "2", "--trainer.max_steps", "1"]
+    cli = run_cli(["fit", *small_run(in_tmp, *one_step)])
+    assert (cli.datamodule.image_size, cli.trainer.global_step) == (299, 1)
+    (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    assert math.isfinite(metrics["val/loss"])

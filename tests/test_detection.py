@@ -18,6 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 
 from datamodules.coco import COCODataModule
+from datamodules.dataset_info import DatasetInfo
 from datamodules.quickstart_detection import write_detection
 from fishnet_pl import DetectionHead, FishNetModule, SegmentationHead
 from fishnet_pl.checkpoint import CKPT_BACKBONE_KEY
@@ -42,7 +43,7 @@ def toy_batch() -> dict:
     target = {"boxes": torch.tensor([[20.0, 10, 70, 50], [60, 40, 120, 90]]), "labels": torch.tensor([1, 3]),
               "masks": masks, "image_id": torch.tensor(5), "iscrowd": torch.zeros(2, dtype=torch.int64),
               "area": torch.tensor([2000.0, 3000.0])}
-    return {"images": [torch.rand(3, 96, 128)], "targets": [target], "paths": ["a.jpg"]}
+    return {"image": [torch.rand(3, 96, 128)], "target": [target], "path": ["a.jpg"]}
 
 
 def test_fpn_feeds_fishnet_maps_at_strides_4_to_64_and_the_backbone_lives_once_under_network_backbone_body():
@@ -110,7 +111,7 @@ def test_predict_keeps_only_detections_scoring_at_least_predict_score_thresh():
     model.head.predict_score_thresh = thresh = out["scores"].median().item()
     kept = out["scores"] >= thresh
     assert 0 < kept.sum() < len(kept)  # an untrained detector: scores on both sides of the median
-    (record,) = model.predict_step({"images": [image], "paths": ["a.jpg"]}, 0)
+    (record,) = model.predict_step({"image": [image], "path": ["a.jpg"]}, 0)
     torch.testing.assert_close(record["scores"], out["scores"][kept])
     torch.testing.assert_close(record["boxes"], out["boxes"][kept])
     assert len(record["labels"]) == len(record["masks"]) == int(kept.sum())
@@ -119,7 +120,7 @@ def test_predict_keeps_only_detections_scoring_at_least_predict_score_thresh():
 def test_drawn_labels_and_lines_grow_with_the_image(tmp_path):
     """A 4000 x 6000 photo gets labels and box lines it can show, not the 11-pixel text of a 400 x 600 one."""
     head = DetectionHead()
-    head.class_names = ["circle", "square", "triangle"]
+    head.set_dataset_info(DatasetInfo(class_names=["circle", "square", "triangle"]))
     colour = DetectionHead.PALETTE[1]
     tag_rows, line_px = {}, {}
     for short in (400, 4000):
@@ -127,7 +128,7 @@ def test_drawn_labels_and_lines_grow_with_the_image(tmp_path):
         record = {"path": f"photo{short}.jpg", "image": torch.zeros(3, h, w, dtype=torch.uint8),
                   "boxes": torch.tensor([[0.2 * w, 0.5 * h, 0.8 * w, 0.9 * h]]), "labels": torch.tensor([1]),
                   "scores": torch.tensor([0.93])}
-        head.write_predictions([record], [record["path"]], tmp_path, None, first=True)
+        head.write_predictions([record], [record["path"]], tmp_path, first=True)
         coloured = np.all(np.asarray(Image.open(tmp_path / f"photo{short}.jpg.png")) == colour, axis=-1)
         tag_rows[short] = int(coloured[: h // 2].any(axis=1).sum())  # the label's tag, above the box
         line_px[short] = int(coloured[int(0.7 * h)].sum()) // 2  # the box's left and right lines
@@ -136,7 +137,7 @@ def test_drawn_labels_and_lines_grow_with_the_image(tmp_path):
 
 def test_mask_rcnn_refuses_targets_without_masks():
     batch = toy_batch()
-    del batch["targets"][0]["masks"]
+    del batch["target"][0]["masks"]
     model = small_detector("maskrcnn")
     with pytest.raises(ValueError, match="with_masks"):
         model.head.training_step(model.network, batch)
@@ -200,12 +201,12 @@ def test_evaluation_matches_pycocotools_on_the_annotation_file_and_writes_a_load
     batches = list(dm.val_dataloader())
     for batch in [*batches, batches[0]]:  # the first batch again, as DDP's sampler repeats: counted once
         outputs = []
-        for target in batch["targets"]:
+        for target in batch["target"]:
             keep = target["iscrowd"] == 0
             outputs.append({"boxes": target["boxes"][keep], "labels": target["labels"][keep],
                             "scores": torch.linspace(0.9, 0.5, int(keep.sum())),
                             "masks": target["masks"][keep][:, None].float()})
-        metric.update([image.shape[-2:] for image in batch["images"]], batch["targets"], outputs)
+        metric.update([image.shape[-2:] for image in batch["image"]], batch["target"], outputs)
     logged = metric.compute()
     records = metric.images
     assert len(records) == len(dm.datasets["val"]) == len({r["image_id"] for r in records})

@@ -20,13 +20,14 @@ import timm
 import torch
 from PIL import Image
 
-from datamodules.imagenet import ImageNetDataModule
+from datamodules.dataset_info import dataset_info
+from datamodules.imagenet import classification_info
 from datamodules.predict import import_object
 from datamodules.segmentation_folder import SegmentationFolderDataModule
 from fishnet_pl.cli import main
 from fishnet_pl.export import export_checkpoint
 from fishnet_pl.inference import load_network
-from fishnet_pl.module import FishNetModule, _class_names, _predict_data
+from fishnet_pl.module import FishNetModule
 from fishnet_pl.tasks import ClassificationHead, DetectionHead, SegmentationHead
 
 from .conftest import run_checkpoint, run_cli
@@ -41,13 +42,10 @@ def make_checkpoint(path: Path, head, num_classes: int, datamodule=None) -> Fish
     torch.manual_seed(0)
     module = FishNetModule(head, backbone="fishnet_tiny", num_classes=num_classes).eval()
     if datamodule is not None:  # what the module's setup does with a trainer's datamodule
-        module._trainer = SimpleNamespace(datamodule=datamodule)
-        module.head.set_class_names(_class_names(module))
-        module._predict_data = _predict_data(module)
+        module.head.set_dataset_info(dataset_info(datamodule))
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
             "pytorch-lightning_version": "2.6.6", "epoch": 0, "global_step": 0}
     module.on_save_checkpoint(ckpt)
-    module._trainer = None
     torch.save(ckpt, path)
     return module
 
@@ -230,15 +228,15 @@ def test_preprocessing_describes_the_evaluation_transform_the_checkpoint_records
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (97, 131, 3), np.uint8)  # odd, non-square: rounding and centring show
     recorded = {}
-    classification = ImageNetDataModule(str(tmp_path / "unused"), image_size=64, val_resize=80)
+    classification = SimpleNamespace(dataset_info=classification_info(CLASS_NAMES, 64, 80, batch_size=32))
     segmentation = SegmentationFolderDataModule(str(tmp_path / "unused"), classes=CLASS_NAMES, eval_scale=0.6)
     for task, head, datamodule in (("classification", ClassificationHead(), classification),
                                    ("segmentation", SegmentationHead("FPN", {"decoder_pyramid_channels": 32,
                                                                              "decoder_segmentation_channels": 32}),
                                     segmentation)):
         path = tmp_path / f"{task}.ckpt"
-        make_checkpoint(path, head, 3, SimpleNamespace(classes=CLASS_NAMES, predict_config=datamodule.predict_config))
-        config = datamodule.predict_config
+        make_checkpoint(path, head, 3, datamodule)
+        config = datamodule.dataset_info.predict
         recorded[task] = import_object(config["transform"])(**config["transform_kwargs"])(image=image)["image"]
         pre = load_network(path).preprocessing
         if task == "classification":

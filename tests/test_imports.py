@@ -115,13 +115,13 @@ def test_layers_without_cycle_pass(tmp_path):
 
 def test_names_that_outlive_a_move_still_resolve():
     # Checkpoints saved before the segmentation base left segmentation_folder.py record its evaluation transform
-    # there (``predict_config``), and ``python -m datamodules.streaming convert`` is the converter's documented command.
+    # there (``DatasetInfo.predict``), and ``python -m datamodules.streaming convert`` is the converter's command.
     from datamodules.predict import import_object
     from datamodules.segmentation import eval_transform
     from datamodules.segmentation_folder import SegmentationFolderDataModule
 
     assert import_object("datamodules.segmentation_folder.eval_transform") is eval_transform
-    config = SegmentationFolderDataModule("data", classes=["a", "b"]).predict_config
+    config = SegmentationFolderDataModule("data", classes=["a", "b"]).dataset_info.predict
     assert import_object(config["transform"]) is eval_transform
     done = subprocess.run([sys.executable, "-m", "datamodules.streaming", "convert", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

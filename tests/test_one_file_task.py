@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 from torchmetrics import MeanSquaredError, MetricCollection
 
-from datamodules.imagenet import ImageNetDataModule
+from datamodules.imagenet import classification_info
 from datamodules.predict import import_object
 from fishnet_pl.cli import main
 from fishnet_pl.inference import load_network
@@ -54,16 +54,15 @@ class RegressionHead(TaskHead):
         values = self(network, batch["image"]).tolist()
         return [{"path": path, "value": value} for path, value in zip(batch["path"], values)]
 
-    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, datamodule: Any,
-                          first: bool) -> None:
+    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, first: bool) -> None:
         with open(folder / "values.csv", "w" if first else "a") as f:
             f.writelines(f"{path},{record['value']}\n" for path, record in zip(paths, records))
 
 
 def test_a_head_in_one_file_predicts_exports_and_loads(tmp_path, caplog):
-    evaluation = ImageNetDataModule(str(tmp_path / "unused"), image_size=64, val_resize=72)  # its recorded transform
+    evaluation = SimpleNamespace(dataset_info=classification_info(None, 64, 72, batch_size=32))  # its transform
     ckpt = tmp_path / "regression.ckpt"
-    module = make_checkpoint(ckpt, RegressionHead(), 1, SimpleNamespace(predict_config=evaluation.predict_config))
+    module = make_checkpoint(ckpt, RegressionHead(), 1, evaluation)
     rng = np.random.default_rng(0)
     photos = []
     for name, size in (("a.png", (70, 90)), ("b.jpg", (96, 64))):
@@ -86,7 +85,7 @@ def test_a_head_in_one_file_predicts_exports_and_loads(tmp_path, caplog):
     assert [m for m in caplog.messages if "images predicted" in m] == [
         f"predict: {len(readable)} images predicted, 1 skipped as unreadable (listed in unreadable.txt, e.g. "
         f"{unreadable[0]}); files written to {out}"]
-    config = evaluation.predict_config
+    config = evaluation.dataset_info.predict
     prepare = import_object(config["transform"])(**config["transform_kwargs"])
     for path, value in values.items():
         image = np.asarray(Image.open(tmp_path / "my photos" / path).convert("RGB"))

@@ -11,6 +11,7 @@ from PIL import Image
 
 import fishnet_pl
 from datamodules.common import collate_padded
+from datamodules.dataset_info import DatasetInfo
 from fishnet_pl import FishNetModule, SegmentationHead
 from fishnet_pl.tasks.segmentation import default_palette, input_multiple
 
@@ -249,7 +250,7 @@ def test_frozen_stages_and_frozen_batchnorm_reach_the_segmentation_backbone():
 def test_miou_is_over_the_classes_present_and_logged_per_class():
     model = segmenter()
     head = model.head
-    head.set_class_names(["road", "car", "sky", "person"])
+    head.set_dataset_info(DatasetInfo(class_names=["road", "car", "sky", "person"]))
     labels = torch.tensor([[[0, 0, 1, 1]]])
     head.metrics["val"].update(torch.tensor([[[0, 0, 1, 0]]]), labels)
     logs = head.metrics["val"].compute()
@@ -265,8 +266,8 @@ def test_predict_writes_palette_masks_and_overlays(tmp_path, palette):
     with torch.no_grad():
         records = model.predict_step(batch, 0)
         expected = model(batch["image"]).argmax(1)
-    datamodule = type("DM", (), {"palette": palette})()
-    model.head.write_predictions(records, batch["path"], tmp_path, datamodule, first=True)
+    model.head.set_dataset_info(DatasetInfo(palette=palette))
+    model.head.write_predictions(records, batch["path"], tmp_path, first=True)
     colours = np.asarray(palette or default_palette(4), np.uint8)
     for name, labels in zip(batch["path"], expected):
         mask = Image.open(tmp_path / f"{name}.mask.png")

@@ -46,7 +46,7 @@ def test_streamed_validation_batches_are_the_folder_datamodules(converted):
     assert len(list((shards / "train").glob("*.bin"))) > 2
     folder, streamed = folder_and_streamed(root, shards)
     for attr in ("categories", "num_classes", "class_names", "label_to_category_id", "skipped_train_image_ids",
-                 "predict_config"):
+                 "dataset_info"):
         assert getattr(streamed, attr) == getattr(folder, attr), attr
     assert streamed.skipped_train_image_ids == [1000]  # the quickstart's training image without objects
     assert json.loads(open(streamed.val_annotation_file).read()) == json.loads(open(folder.val_annotation_file).read())
@@ -54,8 +54,8 @@ def test_streamed_validation_batches_are_the_folder_datamodules(converted):
     expected = {item["target"]["image_id"]: item for item in folder.datasets["val"]}
     seen = []
     for batch in streamed.val_dataloader():
-        assert set(batch) == {"images", "targets", "paths"}
-        for image, target, path in zip(batch["images"], batch["targets"], batch["paths"]):
+        assert set(batch) == {"image", "target", "path"}
+        for image, target, path in zip(batch["image"], batch["target"], batch["path"]):
             want = expected[target["image_id"]]
             assert path == f"val2017/{target['image_id']:012d}.jpg" and want["path"].endswith(path)
             torch.testing.assert_close(image, want["image"], rtol=0, atol=0)  # same bytes, same transform
@@ -68,14 +68,14 @@ def test_streamed_validation_batches_are_the_folder_datamodules(converted):
     assert sorted(seen) == sorted(expected)  # every image once, crowds kept for the evaluator
     assert any(target["iscrowd"].any() for item in folder.datasets["val"] for target in [item["target"]])
 
-    train_ids = sorted(t["image_id"] for batch in streamed.train_dataloader() for t in batch["targets"])
+    train_ids = sorted(t["image_id"] for batch in streamed.train_dataloader() for t in batch["target"])
     kept = {record.image_id for record in folder.datasets["train"].images}  # 39 of 40: 9 whole batches of 4
     assert set(train_ids) <= kept and len(set(train_ids)) == len(train_ids) == 36 and 1000 not in train_ids
 
     folder.setup("predict")
     streamed.setup("predict")
     batch = next(iter(streamed.predict_dataloader()))
-    assert set(batch) == {"images", "paths", "image_ids"} == set(next(iter(folder.predict_dataloader())))
+    assert set(batch) == {"image", "path", "image_id"} == set(next(iter(folder.predict_dataloader())))
 
 
 def test_training_augmentation_is_the_folder_pipeline_seeded_per_epoch_and_image(converted):
@@ -112,8 +112,8 @@ def test_a_resumed_training_loader_gives_the_remaining_batches_of_the_interrupte
     batches = iter(resumed)  # as Lightning does: len(loader) - 2 batches, never asking for one more
     rest = [next(batches) for _ in range(len(epoch) - 2)]
     for got, expected in zip(rest, epoch[2:], strict=True):
-        assert [t["image_id"] for t in got["targets"]] == [t["image_id"] for t in expected["targets"]]
-        for image, want in zip(got["images"], expected["images"]):
+        assert [t["image_id"] for t in got["target"]] == [t["image_id"] for t in expected["target"]]
+        for image, want in zip(got["image"], expected["image"]):
             torch.testing.assert_close(image, want, rtol=0, atol=0)  # the same augmentation
 
 

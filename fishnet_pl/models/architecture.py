@@ -398,6 +398,12 @@ class FishNet(nn.Module):
         self.feature_info = [dict(num_chs=c, reduction=min(r, output_stride), module=m)
                              for _, c, r, m in self._feature_maps]
 
+    @property
+    def input_size_multiple(self) -> int:
+        """Input height and width must be multiples of this: the body and head concatenate each up-sampled or
+        pooled map with a tail map of the same size (most timm models pool any size and declare nothing)."""
+        return self.output_stride
+
     def stages(self) -> list[nn.Module]:
         """Stages in forward order, matching ``STAGE_NAMES``."""
         return [self.stem, *self.tail, self.bridge, *self.body, *self.head]
@@ -420,7 +426,7 @@ class FishNet(nn.Module):
 
     def _forward_maps(self, x: torch.Tensor, last: int = 10) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The stem's stride-2 map and f0..f{last} (fewer when stages were pruned)."""
-        check_input_size(x, self.in_chans, self.output_stride)
+        check_input_size(x, self.in_chans, self.input_size_multiple)
         s2 = self._call(self.stem, x)
         f = [self.stem_pool(s2)]
         if last < 0:  # only the stem's map was asked for

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from datamodules.dataset_info import DatasetInfo
+
 
 class TaskHead(nn.Module):
     """Base class of task heads. Subclasses implement every method below that raises, except the optional
@@ -40,8 +42,8 @@ class TaskHead(nn.Module):
     progress_bar: tuple[str, ...] = ("loss",)
     #: Where the timm backbone sits in the network ("" = the network is the backbone).
     backbone_path: str = ""
-    #: The dataset's class names, when known (``set_class_names``).
-    class_names: list[str] | None = None
+    #: What the training data declared (``set_dataset_info``): class names, palette, category ids, ...
+    dataset_info: DatasetInfo = DatasetInfo()
 
     def build(self, backbone: str, num_classes: int, in_chans: int) -> nn.Module:
         """Create the network on the timm model ``backbone`` and the head's metrics ``self.metrics``
@@ -70,17 +72,22 @@ class TaskHead(nn.Module):
         """Update ``self.metrics[stage]`` ("val" or "test") with one batch."""
         raise NotImplementedError
 
-    def set_class_names(self, names: list[str] | None) -> None:
-        """The dataset's class names (for per-class metric names); the module passes the datamodule's."""
-        self.class_names = names
+    def set_dataset_info(self, info: DatasetInfo) -> None:
+        """What the data declares (``datamodules.dataset_info``); the module passes the datamodule's at set-up,
+        the one a checkpoint recorded when loaded from it. A head checks here that the data fits it."""
+        self.dataset_info = info
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The dataset's class names, when known (index = label; for detection label - 1)."""
+        return self.dataset_info.class_names
 
     def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
         """One record per input image (plain values and CPU tensors), with the image's ``path`` as read;
         ``write_predictions`` turns them into files."""
         raise NotImplementedError
 
-    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, datamodule: Any,
-                          first: bool) -> None:
+    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, first: bool) -> None:
         """Write one predict batch's files (optional: without it, ``trainer.predict`` only returns the records).
 
         Called by ``fishnet_pl.writers.PredictionWriter``, which owns the folder, the DDP rank folders and the
@@ -91,12 +98,11 @@ class TaskHead(nn.Module):
             paths: where each record's outputs go, relative to ``folder`` (POSIX, mirroring the input:
                 ``a/img.jpg`` for ``<predict_root>/a/img.jpg``); add a suffix, e.g. ``a/img.jpg.png``.
             folder: this process's output folder (it exists; sub-folders do not).
-            datamodule: the run's datamodule (its ``palette``, ``label_to_category_id``, ...), or None.
             first: the run's first batch on this process: start files such as a JSON lines file afresh.
         """
         raise NotImplementedError
 
-    def write_results(self, stage: str, folder: Path, datamodule: Any) -> None:
+    def write_results(self, stage: str, folder: Path) -> None:
         """Write the results file of a validation or test epoch from ``self.metrics[stage]`` (optional; e.g.
         detection's COCO results). Called on the first process by ``fishnet_pl.writers.ResultsWriter`` once the
         metric is synchronised, with the run's log folder as ``folder``."""

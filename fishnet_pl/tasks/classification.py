@@ -73,8 +73,7 @@ class ClassificationHead(TaskHead):
         return [{"path": path, "classes": c.tolist(), "scores": s.tolist()}
                 for path, c, s in zip(batch["path"], classes.cpu(), scores.cpu())]
 
-    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, datamodule: Any,
-                          first: bool) -> None:
+    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, first: bool) -> None:
         """One JSON line per image in ``predictions.jsonl``: ``path`` (relative, mirroring the input), ``file``
         (as read), top-5 class indices, names (``class_names``, when known), probabilities."""
         names = self.class_names  # the datamodule's, passed on by the module's setup

@@ -68,9 +68,9 @@ class TimmBackboneWithFPN(nn.Module):
 class DetectionHead(TaskHead):
     """Faster R-CNN (boxes) or Mask R-CNN (boxes and instance masks) from torchvision on a timm backbone + FPN.
 
-    Batches follow torchvision's detection format (``COCODataModule``): ``images`` a list of float
+    Batches follow torchvision's detection format (``COCODataModule``): ``image`` a list of float
     [3, H, W] in 0..1 (the detector resizes them and normalises with the backbone's mean and std),
-    ``targets`` a list of dicts with ``boxes`` (xyxy pixels), ``labels`` (1..K, 0 is background),
+    ``target`` a list of dicts with ``boxes`` (xyxy pixels), ``labels`` (1..K, 0 is background),
     ``masks`` (uint8 [N, H, W], Mask R-CNN), ``image_id``, ``iscrowd`` and ``area`` (evaluation).
     ``num_classes`` is K, without the background; the detector gets K + 1.
 
@@ -184,26 +184,26 @@ class DetectionHead(TaskHead):
 
     def training_step(self, network: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         targets = []
-        for target in batch["targets"]:
+        for target in batch["target"]:
             if self.with_masks and "masks" not in target:
                 raise ValueError("Mask R-CNN trains on instance masks, but the targets have none: set the "
                                  "datamodule's with_masks=true, or use detector=fasterrcnn")
             keys = ("boxes", "labels", "masks") if self.with_masks else ("boxes", "labels")
             targets.append({k: target[k] for k in keys})
-        losses = network(list(batch["images"]), targets)
+        losses = network(list(batch["image"]), targets)
         loss = sum(losses.values())
         return loss, {"loss": loss, **losses}
 
     def evaluation_step(self, network: nn.Module, batch: dict, stage: str) -> None:
-        outputs = network(list(batch["images"]))
-        self.metrics[stage].update([image.shape[-2:] for image in batch["images"]], batch["targets"], outputs)
+        outputs = network(list(batch["image"]))
+        self.metrics[stage].update([image.shape[-2:] for image in batch["image"]], batch["target"], outputs)
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
-        outputs = network(list(batch["images"]))
-        image_ids = batch.get("image_ids")
+        outputs = network(list(batch["image"]))
+        image_ids = batch.get("image_id")
         records = []
-        for i, (image, path, output) in enumerate(zip(batch["images"], batch["paths"], outputs)):
+        for i, (image, path, output) in enumerate(zip(batch["image"], batch["path"], outputs)):
             keep = output["scores"] >= self.predict_score_thresh
             record = {"path": path, "image": (image.detach() * 255).round().clamp(0, 255).to(torch.uint8).cpu(),
                       "boxes": output["boxes"][keep].detach().cpu(), "labels": output["labels"][keep].cpu(),
@@ -216,14 +216,13 @@ class DetectionHead(TaskHead):
             records.append(record)
         return records
 
-    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, datamodule: Any,
-                          first: bool) -> None:
+    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, first: bool) -> None:
         """Per image ``a/img.jpg``: ``a/img.jpg.png``, the image with its detections drawn: masks, boxes, class
         names and scores, lines and text scaled to the image; and one line of ``detections.jsonl``: ``path``,
-        ``file`` (as read), ``drawn`` and the same detections with COCO category id (the datamodule's
+        ``file`` (as read), ``drawn`` and the same detections with COCO category id (the dataset's
         ``label_to_category_id``), class name, score, ``bbox`` [x, y, width, height] and RLE ``segmentation``."""
         names = self.class_names  # the datamodule's, passed on by the module's setup
-        category_of = getattr(datamodule, "label_to_category_id", None) or {}
+        category_of = self.dataset_info.label_to_category_id or {}
         with open(folder / "detections.jsonl", "w" if first else "a") as f:
             for r, relative in zip(records, paths):
                 labels = r["labels"].tolist()
@@ -247,12 +246,12 @@ class DetectionHead(TaskHead):
                     line["image_id"] = r["image_id"]
                 f.write(json.dumps(line) + "\n")
 
-    def write_results(self, stage: str, folder: Path, datamodule: Any) -> None:
+    def write_results(self, stage: str, folder: Path) -> None:
         """The detections of every image evaluated in ``stage`` as a COCO results file
-        ``{folder}/{stage}_detections.json`` (category ids mapped back with the datamodule's
+        ``{folder}/{stage}_detections.json`` (category ids mapped back with the dataset's
         ``label_to_category_id``), ready for ``COCO.loadRes`` or the evaluation server."""
         metric, path = self.metrics[stage], folder / f"{stage}_detections.json"
-        write_coco_results(metric.images, path, getattr(datamodule, "label_to_category_id", None))
+        write_coco_results(metric.images, path, self.dataset_info.label_to_category_id)
         log.info("%s detections of %d images written to %s", stage, len(metric.images), path)
 
     # ------------------------------------------------------------------ deployment

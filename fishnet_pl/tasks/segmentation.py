@@ -21,17 +21,18 @@ from PIL import Image
 from segmentation_models_pytorch.base import SegmentationModel
 from torch import nn
 
+from datamodules.dataset_info import DatasetInfo
 from fishnet_pl.drawing import legend_strip, text_font
 from fishnet_pl.metrics import SegmentationIoU
-from fishnet_pl.models.fishnet import FishNet
 from fishnet_pl.tasks.base import ExportSpec, NormalizedNetwork, TaskHead
 
 
 def input_multiple(backbone: nn.Module) -> int:
-    """What input sides must be a multiple of: the coarsest stride the backbone computes. A FishNet's
-    tail always runs down to its output stride, even when the decoder reads only finer maps."""
+    """What input sides must be a multiple of: the backbone's own rule (a FishNet's ``input_size_multiple``: its
+    tail always runs down to its output stride, even when the decoder reads only finer maps), else the coarsest
+    stride the decoder reads."""
     inner = getattr(backbone, "model", backbone)
-    return inner.output_stride if isinstance(inner, FishNet) else max(backbone.feature_info.reduction())
+    return getattr(inner, "input_size_multiple", None) or max(backbone.feature_info.reduction())
 
 
 def smp_architectures() -> dict[str, type[SegmentationModel]]:
@@ -138,10 +139,14 @@ class SegmentationHead(TaskHead):
                                       for stage in ("val", "test")})
         return network
 
-    def set_class_names(self, names: list[str] | None) -> None:
-        super().set_class_names(names)
+    def set_dataset_info(self, info: DatasetInfo) -> None:
+        """Per-class metric names; the data's unlabelled value must be the one the loss and metrics ignore."""
+        if info.ignore_index is not None and info.ignore_index != self.ignore_index:
+            raise ValueError(f"the data marks unlabelled pixels {info.ignore_index}, the segmentation head ignores "
+                             f"{self.ignore_index}: set --model.head.init_args.ignore_index {info.ignore_index}")
+        super().set_dataset_info(info)
         for metric in getattr(self, "metrics", {}).values():
-            metric.class_names = names
+            metric.class_names = info.class_names
 
     # ------------------------------------------------------------------ inference
     def forward(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -233,13 +238,12 @@ class SegmentationHead(TaskHead):
         return [{"path": path, "labels": m[:h, :w], "image": p[:h, :w]}  # each at its image's own size
                 for path, m, p, (h, w) in zip(batch["path"], labels, pixels, sizes)]
 
-    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, datamodule: Any,
-                          first: bool) -> None:
+    def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, first: bool) -> None:
         """Per image ``a/img.jpg``: ``a/img.jpg.mask.png``, a palette PNG of the image's size whose pixel values
-        are the class ids and whose colours are the datamodule's ``palette`` (Cityscapes' for Cityscapes, else
+        are the class ids and whose colours are the dataset's ``palette`` (Cityscapes' for Cityscapes, else
         ``default_palette``); ``a/img.jpg.overlay.png``, that colour mask blended half-and-half over the image,
         above a legend strip: a colour swatch and the name (``class_names``) of each class present."""
-        palette = np.asarray(getattr(datamodule, "palette", None) or default_palette(self.num_classes), np.uint8)
+        palette = np.asarray(self.dataset_info.palette or default_palette(self.num_classes), np.uint8)
         flat = np.zeros((256, 3), np.uint8)
         flat[: len(palette)] = palette[:256]
         for r, relative in zip(records, paths):

@@ -185,8 +185,8 @@ def test_batches_in_detection_format(coco_root, tmp_path):
     dm = COCODataModule(str(coco_root), num_workers=0, batch_size=2, with_masks=False)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"images", "targets", "paths"} and len(batch["images"]) == 2
-    target = batch["targets"][0]
+    assert set(batch) == {"image", "target", "path"} and len(batch["image"]) == 2
+    target = batch["target"][0]
     assert set(target) == {"boxes", "labels", "image_id", "iscrowd", "area"}  # no masks asked for
     assert (target["boxes"].dtype, target["labels"].dtype, target["iscrowd"].dtype, target["area"].dtype) == \
         (torch.float32, torch.int64, torch.int64, torch.float32)
@@ -194,14 +194,14 @@ def test_batches_in_detection_format(coco_root, tmp_path):
 
     dm.setup("predict")  # default: the val split, with COCO ids
     batch = next(iter(dm.predict_dataloader()))
-    assert set(batch) == {"images", "paths", "image_ids"} and batch["image_ids"] == [21, 22]
+    assert set(batch) == {"image", "path", "image_id"} and batch["image_id"] == [21, 22]
     folder = tmp_path / "photos" / "sub"
     folder.mkdir(parents=True)
     Image.new("RGB", (30, 20)).save(folder / "a.png")
     dm = COCODataModule(str(coco_root), num_workers=0, predict_root=str(tmp_path / "photos"))
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
-    assert set(batch) == {"images", "paths"} and batch["images"][0].shape == (3, 20, 30)
+    assert set(batch) == {"image", "path"} and batch["image"][0].shape == (3, 20, 30)
 
 
 def test_missing_image_fails_at_setup_naming_it(coco_root):
@@ -254,7 +254,7 @@ def test_aspect_ratio_batches_survive_lightning_ddp_sampler(tmp_path):
         assert set().union(*batches) <= set(sampler)  # only this rank's share
         per_rank.append(set().union(*batches))
         batch = next(iter(ddp_loader))
-        assert len({img.shape[2] >= img.shape[1] for img in batch["images"]}) == 1  # all wide or all tall
+        assert len({img.shape[2] >= img.shape[1] for img in batch["image"]}) == 1  # all wide or all tall
     assert not per_rank[0] & per_rank[1]
 
     # drop_last=False (what Lightning sets when predicting): every index exactly once.
@@ -344,7 +344,7 @@ def test_training_batches_resume_mid_epoch_with_the_same_images_and_augmentation
         return dm.train_dataloader()
 
     def contents(batch) -> tuple:
-        return batch["paths"], [img.sum().item() for img in batch["images"]], [t["boxes"] for t in batch["targets"]]
+        return batch["path"], [img.sum().item() for img in batch["image"]], [t["boxes"] for t in batch["target"]]
 
     loader = train_loader(seed=7)
     expected = [contents(b) for _ in range(2) for b in loader]  # 2 epochs of 7 batches

@@ -111,8 +111,6 @@ def test_missing_root_and_empty_class_folder_are_named(imagenet, tmp_path_factor
         image.unlink()
     with pytest.raises(DatasetError, match=f"{WNIDS[1]}: empty class folder"):
         datamodule(imagenet).setup("fit")
-    with pytest.raises(ValueError, match="multiple of 32"):
-        datamodule(imagenet, image_size=100)
 
 
 def test_two_workers_draw_different_augmentations_and_a_seed_repeats_them(tmp_path):

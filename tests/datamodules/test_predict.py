@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from datamodules.common import DatasetError
+from datamodules.dataset_info import DatasetInfo
 from datamodules.imagenet import eval_transform
 from datamodules.predict import PredictFolderDataModule
 from fishnet_pl import ClassificationHead, DetectionHead, FishNetModule, SegmentationHead
@@ -171,10 +172,10 @@ def test_the_overlay_carries_a_legend_of_the_classes_present(tmp_path):
     labels[:, 30:] = 2  # classes 0 and 2 present, 1 and 3 not
     image = np.full((60, 90, 3), 128, np.uint8)
     head = SegmentationHead()
-    head.num_classes, head.class_names = 4, ["road", "car", "sky", "person"]
-    datamodule = type("DM", (), {"palette": palette})()
+    head.num_classes = 4
+    head.set_dataset_info(DatasetInfo(class_names=["road", "car", "sky", "person"], palette=palette))
     head.write_predictions([{"path": "street.jpg", "labels": labels, "image": image}], ["street.jpg"], tmp_path,
-                           datamodule, first=True)
+                           first=True)
     overlay = np.asarray(Image.open(tmp_path / "street.jpg.overlay.png"))
     assert overlay.shape[1] == 90 and overlay.shape[0] > 60
     np.testing.assert_array_equal(overlay[:60], (0.5 * image + 0.5 * np.asarray(palette, np.uint8)[labels]).round())
