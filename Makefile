@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# panopticapi (tests/test_panoptic_quality.py): its only PyPI build pins numpy<2 but runs on numpy 2.
+	$(PY) -m pip install --quiet --no-deps panopticapi-lite==0.2.0
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -21,8 +23,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m fishnet_pl.demo
 
-bench: $(STAMP)
+bench: $(STAMP)  # the backbone table, then end to end: fishnet-pl fit / predict against plain PyTorch loops
 	$(PY) -m bench.backbones
+	$(PY) -m bench.fit --workers 2 --rounds 2 --steps 4
+	$(PY) -m bench.predict --workers 2 --rounds 2 --steps 4
 
 docs: $(STAMP)  # the docs site into site/ (open site/index.html); a broken link or reference fails it
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site

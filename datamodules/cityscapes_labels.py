@@ -1,6 +1,6 @@
 """Cityscapes' label table (cityscapesscripts' ``helpers/labels.py``): the label ids of the official files, the 19
-training classes they map to, and the official colours. Read by the datamodule (``cityscapes``) and by the writer of
-the quickstart data (``quickstart_segmentation``).
+training classes they map to, the official colours and the panoptic categories. Read by the datamodule
+(``cityscapes``) and by the writer of the quickstart data (``quickstart_segmentation``).
 """
 
 from __future__ import annotations
@@ -54,3 +54,11 @@ LABEL_ID_TO_TRAIN_ID = np.array([train_id for _, _, train_id, _ in LABELS], dtyp
 _TRAIN_LABELS = sorted((train_id, name, colour) for name, _, train_id, colour in LABELS if train_id != IGNORE_INDEX)
 CLASS_NAMES = tuple(name for _, name, _ in _TRAIN_LABELS)  # index = train id
 PALETTE = tuple(colour for _, _, colour in _TRAIN_LABELS)  # RGB per train id, the official colour coding
+
+# labels.py's hasInstances: the instanceIds files give these classes' objects ids label id * 1000 + index.
+HAS_INSTANCES = frozenset(range(24, 34))  # person .. bicycle, caravan and trailer included
+# The panoptic benchmark's categories (createPanopticImgs): the classes evaluated (train id != 255), by label id, as
+# COCO panoptic categories; 8 things (caravan and trailer, not evaluated, are void) and 11 stuff classes.
+PANOPTIC_CATEGORIES = tuple(
+    {"id": label_id, "name": name, "isthing": int(label_id in HAS_INSTANCES), "color": list(colour)}
+    for name, label_id, train_id, colour in LABELS if train_id != IGNORE_INDEX)

@@ -31,6 +31,8 @@ class DatasetInfo:
             transform does (``transform`` and ``transform_kwargs``, ``collate``, ``batch_size``).
         categories: COCO-panoptic-style categories ``{"id", "name", "isthing", "color"}``, things and stuff in
             order (``datamodules.panoptic``: thing label k is the k-th thing, semantic class s the s-th stuff).
+        benchmark: the official evaluation whose results format the heads also write: "cityscapes"
+            (cityscapesScripts' instance results, ``fishnet_pl.metrics.write_cityscapes_instances``).
     """
 
     class_names: list[str] | None = None
@@ -40,6 +42,7 @@ class DatasetInfo:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     predict: dict[str, Any] = field(default_factory=dict)
     categories: list[dict] | None = None
+    benchmark: str | None = None
 
     def __post_init__(self) -> None:
         # Plain lists and ints, whatever the datamodule computed them as (tuples, numpy ints, names as labels).
@@ -52,7 +55,8 @@ class DatasetInfo:
             "preprocessing": dict(self.preprocessing), "predict": dict(self.predict),
             "categories": None if self.categories is None else [
                 {"id": int(c["id"]), "name": str(c["name"]), "isthing": int(c["isthing"]),
-                 "color": [int(v) for v in c["color"]]} for c in self.categories]}
+                 "color": [int(v) for v in c["color"]]} for c in self.categories],
+            "benchmark": None if self.benchmark is None else str(self.benchmark)}
         for name, value in plain.items():
             object.__setattr__(self, name, value)
 

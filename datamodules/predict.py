@@ -25,7 +25,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.common import DatasetError, collate_same_size, find_images, read_rgb
+from datamodules.common import DatasetError, collate_same_size, find_images, loader_workers, read_rgb
 from datamodules.dataset_info import DatasetInfo
 
 log = logging.getLogger(__name__)
@@ -95,26 +95,27 @@ class PredictFolderDataModule(L.LightningDataModule):
         class_names: names of the classes, for the prediction files.
         palette: RGB colour per class, for segmentation masks.
         label_to_category_id: detection label -> the training set's COCO category id.
+        categories: the panoptic categories (things and stuff) of a panoptic model.
         batch_size: images per step (default 1); above 1 only where every image comes out in one size
             (classification's crop), the collate pads them (segmentation) or the model takes lists (detection).
-        num_workers: data-loading processes.
+        num_workers: data-loading processes; None: the machine's share (``default_num_workers``).
     """
 
     def __init__(self, predict_root: str, transform: str | None = None,
                  transform_kwargs: dict[str, Any] | None = None, collate: str | None = None,
                  num_classes: int | None = None, class_names: list[str] | None = None,
                  palette: list[tuple[int, int, int]] | None = None,
-                 label_to_category_id: dict[int, int] | None = None, batch_size: int | None = None,
-                 num_workers: int = 2):
+                 label_to_category_id: dict[int, int] | None = None, categories: list[dict] | None = None,
+                 batch_size: int | None = None, num_workers: int | None = None):
         super().__init__()
         batch_size = batch_size or 1
-        if batch_size < 1 or num_workers < 0:
+        if batch_size < 1 or (num_workers is not None and num_workers < 0):
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
         self.predict_root, self.batch_size, self.num_workers = predict_root, batch_size, num_workers
         self.transform = import_object(transform or "datamodules.predict.to_float")(**(transform_kwargs or {}))
         self.collate = SkipUnreadable(import_object(collate) if collate else None)
         self._num_classes, self.class_names, self.palette = num_classes, class_names, palette
-        self.label_to_category_id = label_to_category_id
+        self.label_to_category_id, self.categories = label_to_category_id, categories
         self.dataset: ImageFolderDataset | None = None
 
     @property
@@ -128,7 +129,7 @@ class PredictFolderDataModule(L.LightningDataModule):
     def dataset_info(self) -> DatasetInfo:
         """What the checkpoint recorded (or the arguments override): names, palette, category ids."""
         return DatasetInfo(class_names=self.class_names, palette=self.palette,
-                           label_to_category_id=self.label_to_category_id)
+                           label_to_category_id=self.label_to_category_id, categories=self.categories)
 
     def setup(self, stage: str) -> None:
         if stage != "predict":
@@ -138,5 +139,6 @@ class PredictFolderDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.dataset is None:
             raise RuntimeError("predict data is not set up; call setup('predict') first")
-        return DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=self.collate, pin_memory=torch.cuda.is_available())
+        return DataLoader(self.dataset, batch_size=self.batch_size,
+                          num_workers=loader_workers(self.num_workers, self.trainer), collate_fn=self.collate,
+                          pin_memory=torch.cuda.is_available())

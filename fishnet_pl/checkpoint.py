@@ -83,12 +83,12 @@ def recorded_dataset_info(ckpt: Mapping[str, Any]) -> DatasetInfo:
 
 def recorded_predict_data(ckpt_path: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint recorded of its training data, as ``PredictFolderDataModule``'s arguments: how to prepare
-    images (``DatasetInfo.predict``), ``class_names``, ``palette``, ``label_to_category_id`` and ``num_classes``
-    (None where it has none)."""
+    images (``DatasetInfo.predict``), ``class_names``, ``palette``, ``label_to_category_id``, ``categories`` and
+    ``num_classes`` (None where it has none)."""
     ckpt = read_checkpoint(ckpt_path, mmap=True)  # a few small entries: the tensors stay on disk
     info = recorded_dataset_info(ckpt)
     return {**info.predict, "class_names": info.class_names, "palette": info.palette,
-            "label_to_category_id": info.label_to_category_id,
+            "label_to_category_id": info.label_to_category_id, "categories": info.categories,
             "num_classes": ckpt["hyper_parameters"].get("num_classes")}
 
 

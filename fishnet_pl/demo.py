@@ -1,9 +1,9 @@
 """``make demo``: the quickstart runs on built-in data, each the same command a user would type.
 
-    python -m fishnet_pl.demo [classification|segmentation|detection ...]
+    python -m fishnet_pl.demo [classification|segmentation|detection|panoptic ...]
 
-The segmentation quickstart fine-tunes the classification quickstart's checkpoint, so that one
-runs first when its checkpoint is missing. Each run writes in a new version folder of its recipe's
+The segmentation and panoptic quickstarts fine-tune the classification quickstart's checkpoint, so that
+one runs first when its checkpoint is missing. Each run writes in a new version folder of its recipe's
 ``runs/quickstart/<task>``; the demo ends by saying where, and what to run next.
 """
 
@@ -15,8 +15,10 @@ from pathlib import Path
 from fishnet_pl.cli import build_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
-TASKS = ("classification", "segmentation", "detection")
-#: What the segmentation quickstart starts from: a link to the newest classification run's last checkpoint.
+TASKS = ("classification", "segmentation", "detection", "panoptic")
+#: Quickstarts that fine-tune the classification quickstart's backbone.
+FINE_TUNED = ("segmentation", "panoptic")
+#: What they start from: a link to the newest classification run's last checkpoint.
 CLASSIFICATION_CKPT = Path("runs/quickstart/classification/last.ckpt")
 
 
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise SystemExit(f"unknown demo task(s) {sorted(unknown)}; choose from {TASKS}")
-    if "segmentation" in tasks and "classification" not in tasks and not CLASSIFICATION_CKPT.is_file():
+    if set(FINE_TUNED) & set(tasks) and "classification" not in tasks and not CLASSIFICATION_CKPT.is_file():
         tasks = ["classification", *tasks]
     print(summary({task: run(task) for task in tasks}))
 

@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchmetrics import Metric
@@ -145,7 +147,8 @@ class CocoEvaluation(Metric):
     def _record(self, size: Sequence[int], target: dict, output: dict) -> dict[str, Any]:
         boxes = target["boxes"].detach().float().cpu().reshape(-1, 4)
         record = {
-            "image_id": int(target["image_id"]), "height": int(size[0]), "width": int(size[1]),
+            "image_id": int(target["image_id"]), "results_id": target.get("results_id", int(target["image_id"])),
+            "height": int(size[0]), "width": int(size[1]),
             "gt_boxes": xywh(boxes), "gt_labels": target["labels"].cpu().numpy().astype(np.int64),
             "gt_iscrowd": (target["iscrowd"].cpu().numpy() if "iscrowd" in target
                            else np.zeros(len(boxes), np.int64)),
@@ -169,9 +172,12 @@ class CocoEvaluation(Metric):
         torch.distributed.all_gather_object(gathered, self.records, group=group)
         self.records = [r for part in gathered for r in part]
 
+    def distinct_records(self) -> list[dict[str, Any]]:
+        """Each image's first record, sorted by ``image_id``."""
+        return sorted({r["image_id"]: r for r in reversed(self.records)}.values(), key=lambda r: r["image_id"])
+
     def compute(self) -> dict[str, torch.Tensor]:
-        self.images = sorted({r["image_id"]: r for r in reversed(self.records)}.values(),
-                             key=lambda r: r["image_id"])
+        self.images = self.distinct_records()
         with_masks = self.with_masks and all(r.get("gt_rles") is not None for r in self.images)
         logs = {}
         for iou_type in ("bbox", "segm") if with_masks else ("bbox",):
@@ -268,3 +274,38 @@ def write_coco_results(images: list[dict], path: Path, label_to_category_id: dic
             results.append(det)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results))
+
+
+def write_cityscapes_instances(images: list[dict], folder: Path, label_to_category_id: dict[int, int] | None) -> None:
+    """The detections' masks in cityscapesScripts' instance results format, what its
+    ``evalInstanceLevelSemanticLabeling`` reads with ``CITYSCAPES_RESULTS=folder``.
+
+    Per image ``<results_id>_pred.txt``, found by the evaluator's pattern ``<city>_<sequence>_<frame>*.txt`` (the
+    records' ``results_id``), one line per detection: ``masks/<results_id>_<j>.png <label id> <score>``, the mask a
+    binary PNG at the image's size, the label mapped to its Cityscapes label id by ``label_to_category_id``, the
+    score unrounded (rounding would tie scores and reorder detections). An image without detections gets an empty
+    file: the evaluator wants one per ground-truth image. ``folder`` is replaced, since the evaluator would read
+    the masks of an earlier epoch as predictions.
+    """
+    if not label_to_category_id:
+        raise ValueError("Cityscapes instance results need the dataset's label_to_category_id (detection label -> "
+                         "Cityscapes label id, e.g. 1 -> 24 for person): the datamodule's dataset_info has none")
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "masks").mkdir(parents=True)
+    for r in images:
+        name = r.get("results_id")
+        if not isinstance(name, str) or "rles" not in r:
+            raise ValueError(f"image {r['image_id']}: Cityscapes instance results need masks and the image's name "
+                             f"<city>_<sequence>_<frame> as its target's results_id, got results_id {name!r}"
+                             + ("" if "rles" in r else " and no masks (use detector maskrcnn)"))
+        lines = []
+        for j, (label, score, rle) in enumerate(zip(r["labels"], r["scores"], r["rles"])):
+            category_id = label_to_category_id.get(int(label))
+            if category_id is None:
+                raise ValueError(f"label {int(label)} has no Cityscapes label id in label_to_category_id "
+                                 f"{label_to_category_id}")
+            png = f"masks/{name}_{j}.png"
+            Image.fromarray(mask_utils.decode(rle).astype(bool)).save(folder / png)  # 1-bit: small and fast
+            lines.append(f"{png} {category_id} {float(score)!r}\n")
+        (folder / f"{name}_pred.txt").write_text("".join(lines))

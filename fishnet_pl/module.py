@@ -55,7 +55,8 @@ class FishNetModule(L.LightningModule):
         backbone_lr_mult: backbone learning rate = ``lr`` x this (e.g. 0.1 when fine-tuning).
         schedule: "step" (x ``gamma`` at each epoch of ``milestones``), "cosine" or "poly" (power 0.9),
             after ``warmup_epochs`` of linear warm-up; the rate is updated every step.
-        milestones: epochs at which the "step" schedule multiplies the rate by ``gamma``.
+        milestones: epochs at which the "step" schedule multiplies the rate by ``gamma`` (fractions place a step
+            at an iteration count: 60k of 7,393 steps an epoch is 8.116).
         gamma: factor of the "step" schedule.
         warmup_epochs: linear warm-up length in epochs (fractions allowed).
     """
@@ -78,7 +79,7 @@ class FishNetModule(L.LightningModule):
         weight_decay: float = 1e-4,
         backbone_lr_mult: float = 1.0,
         schedule: Literal["step", "cosine", "poly", "constant"] = "step",
-        milestones: tuple[int, ...] = (30, 60, 90),
+        milestones: tuple[float, ...] = (30, 60, 90),
         gamma: float = 0.1,
         warmup_epochs: float = 0.0,
     ):

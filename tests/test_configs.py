@@ -16,14 +16,17 @@ import fishnet_pl
 from .conftest import CONFIGS, ROOT, run_cli
 
 RECIPES = sorted(p for d in ("quickstart", "imagenet", "cityscapes", "coco") for p in (CONFIGS / d).glob("*.yaml"))
-TASK_DATA = {"classification": "imagenet", "segmentation": "cityscapes", "detection": "coco"}
+# Task file -> (its data file, its head's class name).
+TASK_DATA = {"classification": ("imagenet", "ClassificationHead"), "segmentation": ("cityscapes", "SegmentationHead"),
+             "detection": ("coco", "DetectionHead"), "panoptic_fpn": ("coco_panoptic", "PanopticHead")}
 BACKBONES = sorted(p.stem for p in (CONFIGS / "backbone").glob("*.yaml"))
 TRAINERS = sorted(p.stem for p in (CONFIGS / "trainer").glob("*.yaml") if p.stem != "default")
 # One-file recipe -> its task and data files; with a backbone file, the shared trainer file and the machine
 # file, they compose the same run.
 RECIPE_PARTS = {"imagenet/fishnet150.yaml": ("task/classification.yaml", "data/imagenet.yaml"),
                 "coco/maskrcnn_fishnet150_fpn_1x.yaml": ("task/detection.yaml", "data/coco.yaml"),
-                "cityscapes/fpn_fishnet150.yaml": ("task/segmentation.yaml", "data/cityscapes.yaml")}
+                "cityscapes/fpn_fishnet150.yaml": ("task/segmentation.yaml", "data/cityscapes.yaml"),
+                "coco/panoptic_fpn_fishnet150_1x.yaml": ("task/panoptic_fpn.yaml", "data/coco_panoptic.yaml")}
 MACHINE = ("trainer/default.yaml", "trainer/gpu8.yaml")
 # The data files of the recipes. The README composes others (ADE20K, VOC, your own folders) from parts only: those
 # runs have no one-file twin (tests/test_segmentation_folder.py resolves their compositions).
@@ -102,22 +105,22 @@ def test_full_recipe_resolves(recipe, capsys):
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_backbone_task_data_trainer_files_compose(task, trainer, capsys):
     files = [CONFIGS / "backbone/fishnet150.yaml", CONFIGS / f"task/{task}.yaml",
-             CONFIGS / f"data/{TASK_DATA[task]}.yaml", CONFIGS / "trainer/default.yaml",
+             CONFIGS / f"data/{TASK_DATA[task][0]}.yaml", CONFIGS / "trainer/default.yaml",
              CONFIGS / f"trainer/{trainer}.yaml"]
     config = resolved(capsys, *files)
     assert config["model"]["backbone"] == "fishnet150"
-    assert config["model"]["head"]["class_path"].lower().endswith(f"{task}head")
+    assert config["model"]["head"]["class_path"] == f"fishnet_pl.tasks.{TASK_DATA[task][1]}"
     assert config["seed_everything"] == 42
 
 
 def test_swapping_the_task_is_swapping_the_task_and_data_files(capsys):
     heads = {}
-    for task, data in TASK_DATA.items():
+    for task, (data, _) in TASK_DATA.items():
         config = resolved(capsys, CONFIGS / "backbone/fishnet99.yaml", CONFIGS / f"task/{task}.yaml",
                           CONFIGS / f"data/{data}.yaml")
         assert config["model"]["backbone"] == "fishnet99"
         heads[task] = (config["model"]["head"]["class_path"], config["data"]["class_path"])
-    assert len(set(heads.values())) == 3
+    assert len(set(heads.values())) == len(TASK_DATA)
 
 
 def test_the_readme_composes_every_recipe():

@@ -30,7 +30,14 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.utils import draw_segmentation_masks
 
 from fishnet_pl.drawing import draw_boxes
-from fishnet_pl.metrics import CocoEvaluation, encode_masks, rle_json, write_coco_results, xywh
+from fishnet_pl.metrics import (
+    CocoEvaluation,
+    encode_masks,
+    rle_json,
+    write_cityscapes_instances,
+    write_coco_results,
+    xywh,
+)
 from fishnet_pl.models.registry import create_backbone
 from fishnet_pl.tasks.base import ExportSpec, TaskHead
 
@@ -77,7 +84,8 @@ class DetectionHead(TaskHead):
     Validation and test log COCO's ``{stage}/bbox_ap``, ``bbox_ap50``, ``bbox_ap75``, ``bbox_aps``,
     ``bbox_apm``, ``bbox_apl`` (and ``segm_*`` for Mask R-CNN), computed by pycocotools over each image
     once (-1 where no ground truth falls in an area range); ``write_results`` writes the detections as
-    a COCO results file ``{stage}_detections.json`` into the run's log folder. Predict keeps the detections
+    a COCO results file ``{stage}_detections.json`` into the run's log folder (on Cityscapes also
+    cityscapesScripts' instance results, ``{stage}_cityscapes_instances/``). Predict keeps the detections
     scoring at least ``predict_score_thresh``; ``write_predictions`` saves each image with them drawn
     (``a/img.jpg.png``) and a ``detections.jsonl`` line per image.
 
@@ -249,10 +257,18 @@ class DetectionHead(TaskHead):
     def write_results(self, stage: str, folder: Path) -> None:
         """The detections of every image evaluated in ``stage`` as a COCO results file
         ``{folder}/{stage}_detections.json`` (category ids mapped back with the dataset's
-        ``label_to_category_id``), ready for ``COCO.loadRes`` or the evaluation server."""
+        ``label_to_category_id``), ready for ``COCO.loadRes`` or the evaluation server. On Cityscapes (the
+        dataset's ``benchmark``), Mask R-CNN's masks also go to ``{folder}/{stage}_cityscapes_instances/`` in
+        cityscapesScripts' instance results format (``write_cityscapes_instances``), rewritten each epoch."""
         metric, path = self.metrics[stage], folder / f"{stage}_detections.json"
-        write_coco_results(metric.images, path, self.dataset_info.label_to_category_id)
+        info = self.dataset_info
+        write_coco_results(metric.images, path, info.label_to_category_id)
         log.info("%s detections of %d images written to %s", stage, len(metric.images), path)
+        if info.benchmark == "cityscapes" and self.with_masks:
+            out = folder / f"{stage}_cityscapes_instances"
+            write_cityscapes_instances(metric.images, out, info.label_to_category_id)
+            log.info("%s instance masks written to %s in cityscapesScripts' results format (evaluate with "
+                     "CITYSCAPES_RESULTS=%s csEvalInstanceLevelSemanticLabeling)", stage, out, out)
 
     # ------------------------------------------------------------------ deployment
     def preprocessing(self) -> dict[str, Any]:
