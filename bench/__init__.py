@@ -1,18 +1,27 @@
-"""Benchmarks: ``python -m bench.backbones`` (models), ``python -m bench.ops`` (FishNet's resampling ops) and
-``python -m bench.data`` (input pipelines).
+"""Benchmarks: ``python -m bench.backbones`` (models), ``python -m bench.ops`` (FishNet's resampling ops),
+``python -m bench.data`` (input pipelines), and end to end ``python -m bench.fit`` (``fishnet-pl fit`` against a
+plain PyTorch training loop) and ``python -m bench.predict`` (``fishnet-pl predict`` against ``load_network``
+in a plain loop).
 
-They print Markdown tables; backbones and data also write JSON under ``bench/results/`` (gitignored) with
+They print Markdown tables; all but ops also write JSON under ``bench/results/`` (gitignored) with
 the machine and versions, since absolute numbers only mean something next to the machine that produced them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import statistics
+import sys
+import time
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import torch
+from PIL import Image
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -65,3 +74,90 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def write_jpegs(folder: str | os.PathLike, count: int, size: int, seed: int = 0) -> list[Path]:
+    """``count`` ``size`` x ``size`` JPEGs (quality 90) in ``folder``: smooth colour fields with noise, which
+    compress and decode like photographs rather than flat or pure-noise images. Deterministic."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+        pixels = np.clip(np.asarray(coarse, np.float32) + rng.normal(0, 12, (size, size, 3)), 0, 255)
+        paths.append(folder / f"img_{i:05d}.JPEG")
+        Image.fromarray(pixels.astype(np.uint8)).save(paths[-1], quality=90)
+    return paths
+
+
+class StepTimes(L.Callback):
+    """``time.perf_counter()`` at the start and end of every training or prediction batch, through Lightning's
+    public hooks: what ``stretch_rate`` turns into images/s and the share of time spent waiting for data.
+
+    Lightning fetches a batch between one batch's end hook and the next one's start hook, so that gap is the
+    loop's wait for data (plus its own bookkeeping there: logging, the LR scheduler's step)."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.torch_threads: int | None = None
+
+    def _start(self) -> None:
+        self.torch_threads = torch.get_num_threads()  # as the loop runs: Lightning must not have changed it
+        self.starts.append(time.perf_counter())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._start()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def stretch_rate(starts: list[float], ends: list[float], warmup: int, batch_size: int,
+                 waits: list[float] | None = None) -> dict:
+    """Images/s and data-wait share of the steps after the first ``warmup`` (at least 1), each of ``batch_size``
+    images: over the time from the end of the last warm-up step to the end of the last step.
+
+    ``starts`` and ``ends`` are when each step began and ended; ``waits`` the time each step waited for its batch
+    (default: from the previous step's end to its start, as ``StepTimes`` sees Lightning's loop)."""
+    if warmup < 1 or len(ends) <= warmup or len(starts) != len(ends):
+        raise ValueError(f"need more than warmup={warmup} (>= 1) steps with start and end times, got "
+                         f"{len(starts)} starts and {len(ends)} ends")
+    if waits is None:
+        waits = [0.0] + [start - end for start, end in zip(starts[1:], ends[:-1])]
+    seconds = ends[-1] - ends[warmup - 1]
+    steps = len(ends) - warmup
+    return {"images_per_s": steps * batch_size / seconds, "steps": steps, "seconds": seconds,
+            "data_wait_share": sum(waits[warmup:]) / seconds}
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """The median round of a side (its headline, robust to a round another process slowed), the best, and the
+    median data-wait share."""
+    rates = [r["images_per_s"] for r in rounds]
+    return {"images_per_s": statistics.median(rates), "images_per_s_best": max(rates),
+            "data_wait_share": statistics.median(r["data_wait_share"] for r in rounds), "rounds": len(rounds)}
+
+
+@contextlib.contextmanager
+def command_line_of_its_own():
+    """Run ``fishnet_pl.cli.build_cli(args)`` inside a bench without LightningCLI seeing the bench's own options in
+    ``sys.argv`` (it warns when it gets both)."""
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+def comma_separated(text: str) -> list[str]:
+    """An option's comma-separated values (``--workers 1,2``), blanks dropped."""
+    return [x.strip() for x in text.split(",") if x.strip()]

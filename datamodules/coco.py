@@ -314,9 +314,9 @@ class GroupedBatchSampler(BatchSampler):
             yield batch + list(itertools.islice(itertools.cycle(seen[group]), self.batch_size - len(batch)))
 
 
-def check_augmentation(batch_size: int, num_workers: int, scale_range, flip_prob: float) -> None:
+def check_augmentation(batch_size: int, num_workers: int | None, scale_range, flip_prob: float) -> None:
     """The loading and augmentation arguments of a COCO datamodule (folders or shards), or a ValueError."""
-    if batch_size < 1 or num_workers < 0:
+    if batch_size < 1 or (num_workers is not None and num_workers < 0):
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
     if not 0 < scale_range[0] <= scale_range[1]:
         raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
@@ -375,7 +375,7 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
         val_split: validation split; its annotation file defines the categories.
         test_split: split evaluated by ``test``.
         batch_size: images per device and step.
-        num_workers: data-loading processes per device.
+        num_workers: data-loading processes per device; None: the machine's share (``default_num_workers``).
         with_masks: add instance masks to the targets (for Mask R-CNN).
         scale_range: training scale jitter, relative to each image's own size (the detector itself
             resizes to its min/max size).
@@ -391,7 +391,8 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
     collate_fn = staticmethod(collate_detection)
 
     def __init__(self, root: str, train_split: str = "train2017", val_split: str = "val2017",
-                 test_split: str = "val2017", batch_size: int = 2, num_workers: int = 4, with_masks: bool = True,
+                 test_split: str = "val2017", batch_size: int = 2, num_workers: int | None = None,
+                 with_masks: bool = True,
                  scale_range: tuple[float, float] = (0.8, 1.2), flip_prob: float = 0.5,
                  group_aspect_ratio: bool = True, quickstart: bool = False, predict_root: str | None = None,
                  pin_memory: bool = True):
@@ -469,5 +470,5 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
         if train and self.group_aspect_ratio:  # batches of wide or of tall images
             sampler = GroupedBatchSampler(ResumableRandomSampler(dataset), self.batch_size, True, dataset.group_ids)
             return make_loader(dataset, batch_sampler=sampler, collate_fn=collate_detection,
-                               num_workers=self.num_workers, pin_memory=self.pin_memory)
+                               num_workers=self.workers, pin_memory=self.pin_memory)
         return super().loader(dataset, train)

@@ -194,6 +194,22 @@ class ResumableRandomSampler(StatefulRandomSampler, torch.utils.data.RandomSampl
         self._resume_state = state_dict["epoch_generator"]
 
 
+def default_num_workers(processes: int = 1) -> int:
+    """Data-loading workers per training process for a datamodule whose ``num_workers`` is None: the cores this
+    process may run on (``os.sched_getaffinity``: a cluster job's share, not the whole machine) divided among the
+    node's ``processes``, one core left to each process's own steps; at least 1. ``python -m bench.fit --workers``
+    measures the share of each step spent waiting for data."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes) - 1)
+
+
+def loader_workers(num_workers: int | None, trainer: Any = None) -> int:
+    """``num_workers`` as given, or for None ``default_num_workers`` among the trainer's processes on this node."""
+    if num_workers is not None:
+        return num_workers
+    return default_num_workers(getattr(trainer, "num_devices", 1) if trainer is not None else 1)
+
+
 def make_loader(dataset: Dataset, *, batch_size: int = 1, shuffle: bool = False, drop_last: bool = False,
                 num_workers: int = 0, pin_memory: bool = False, collate_fn: Callable | None = None,
                 batch_sampler: Any = None) -> StatefulDataLoader:
@@ -312,7 +328,7 @@ class SplitLoaders:
 
     Each stage's loader serves the dataset that ``setup`` put in ``datasets`` under ``stage_splits[stage]``, built
     by ``loader(dataset, train)``: ``make_loader`` with ``batch_size`` (``eval_batch_size`` outside training),
-    ``collate_fn``, ``num_workers`` and ``pin_memory``; training shuffles and drops the last partial batch. A
+    ``collate_fn``, ``workers`` and ``pin_memory``; training shuffles and drops the last partial batch. A
     datamodule states only what differs: another ``stage_splits`` (ImageNet tests on its val split), a
     ``collate_fn``, an ``eval_batch_size``, or its own ``loader`` (COCO's aspect-ratio batches, LitData's loader).
     """
@@ -323,7 +339,7 @@ class SplitLoaders:
     collate_fn = None
     datasets: dict
     batch_size: int
-    num_workers: int
+    num_workers: int | None
     pin_memory: bool
 
     @property
@@ -331,10 +347,15 @@ class SplitLoaders:
         """Items per step in validation, test and predict."""
         return self.batch_size
 
+    @property
+    def workers(self) -> int:
+        """Data-loading processes per device: ``num_workers``, or the machine's share when None (``loader_workers``)."""
+        return loader_workers(self.num_workers, getattr(self, "trainer", None))
+
     def loader(self, dataset: Dataset, train: bool):
         """The loader of ``dataset``: for training (``train``) or evaluation and prediction."""
         return make_loader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-                           drop_last=train, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                           drop_last=train, num_workers=self.workers, pin_memory=self.pin_memory,
                            collate_fn=self.collate_fn)
 
     def _stage_loader(self, stage: str):

@@ -131,7 +131,7 @@ class ImageNetDataModule(AugmentedDataModule):
         root: dataset folder holding ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (torchvision's
             layout), or ``val/*.JPEG`` flat with ``val_ground_truth``.
         batch_size: images per device and step.
-        num_workers: data-loading processes per device.
+        num_workers: data-loading processes per device; None: the machine's share (``default_num_workers``).
         image_size: training crop and evaluation center crop, in pixels; None: the backbone's
             ``pretrained_cfg`` input size (``fishnet-pl`` fills it in from ``--model.backbone``), else 224.
         val_resize: shorter side before the evaluation center crop; None: ``image_size`` divided by the
@@ -148,7 +148,7 @@ class ImageNetDataModule(AugmentedDataModule):
 
     stage_splits = {**AugmentedDataModule.stage_splits, "test": "val"}  # no test labels: test evaluates val
 
-    def __init__(self, root: str, batch_size: int = 32, num_workers: int = 4, image_size: int | None = None,
+    def __init__(self, root: str, batch_size: int = 32, num_workers: int | None = None, image_size: int | None = None,
                  val_resize: int | None = None, val_ground_truth: str | None = None, quickstart: bool = False,
                  skip_unreadable: bool = False, pin_memory: bool = True, predict_root: str | None = None):
         super().__init__()

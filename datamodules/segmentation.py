@@ -64,10 +64,10 @@ def eval_preprocessing(scale: float) -> dict:
     return {"scale": scale, "interpolation": "bilinear"}
 
 
-def check_augmentation(batch_size: int, val_batch_size: int, num_workers: int, crop_size: Sequence[int],
+def check_augmentation(batch_size: int, val_batch_size: int, num_workers: int | None, crop_size: Sequence[int],
                        scale_range: Sequence[float], flip_prob: float, color_jitter: float, eval_scale: float) -> None:
     """Raise ``ValueError`` naming the first loader or augmentation argument out of its range."""
-    if batch_size < 1 or val_batch_size < 1 or num_workers < 0:
+    if batch_size < 1 or val_batch_size < 1 or (num_workers is not None and num_workers < 0):
         raise ValueError(f"batch_size and val_batch_size must be >= 1 and num_workers >= 0, got {batch_size}, "
                          f"{val_batch_size} and {num_workers}")
     if len(crop_size) != 2 or min(crop_size) < 1:

@@ -248,7 +248,7 @@ class SegmentationFolderDataModule(SegmentationDataModule):
         reduce_zero_label: the files' 0 means unlabelled and value k is class k-1 (ADE20K).
         ignore_colors: colours of unlabelled pixels in RGB label images; adds to the classes file's.
         batch_size: training crops per device and step.
-        num_workers: data-loading processes per device.
+        num_workers: data-loading processes per device; None: the machine's share (``default_num_workers``).
         crop_size: training crop (height, width) in pixels.
         scale_range: training scale jitter (low, high), relative to the image's own size.
         flip_prob: probability of a horizontal flip in training.
@@ -266,7 +266,7 @@ class SegmentationFolderDataModule(SegmentationDataModule):
                  train_split: str | list[str] = "train", val_split: str | list[str] = "val",
                  test_split: str | list[str] | None = None, image_suffix: str | None = None,
                  label_suffix: str = ".png", ignore_index: int = IGNORE_INDEX, reduce_zero_label: bool = False,
-                 ignore_colors: list[Colour] | None = None, batch_size: int = 2, num_workers: int = 4,
+                 ignore_colors: list[Colour] | None = None, batch_size: int = 2, num_workers: int | None = None,
                  crop_size: tuple[int, int] = (512, 512), scale_range: tuple[float, float] = (0.5, 2.0),
                  flip_prob: float = 0.5, color_jitter: float = 0.2, eval_scale: float = 1.0, val_batch_size: int = 1,
                  predict_root: str | None = None, pin_memory: bool = True):

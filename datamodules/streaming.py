@@ -161,7 +161,7 @@ class StreamingDataModule(SplitLoaders, L.LightningDataModule):
     collate_fn = None  # LitData's default collate
     stage_splits = {"train": "train", "val": "val", "test": "val", "predict": "val"}  # converted: train and val
 
-    def __init__(self, shards: str, batch_size: int, num_workers: int, cache_dir: str | None,
+    def __init__(self, shards: str, batch_size: int, num_workers: int | None, cache_dir: str | None,
                  max_cache_size: str | None, pin_memory: bool):
         super().__init__()
         self.shards = shards if is_url(shards) else str(Path(shards).absolute())
@@ -193,7 +193,7 @@ class StreamingDataModule(SplitLoaders, L.LightningDataModule):
     def loader(self, dataset: StreamingImageDataset, train: bool) -> ResumableStreamingDataLoader:
         # LitData's loader; the dataset shuffles. drop_last=False for evaluation: every image once (the metrics
         # count each index once under DDP).
-        return ResumableStreamingDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+        return ResumableStreamingDataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
                                             drop_last=train, pin_memory=self.pin_memory and torch.cuda.is_available(),
                                             collate_fn=self.collate_fn, worker_init_fn=init_worker)
 
@@ -206,7 +206,7 @@ class StreamingImageNetDataModule(StreamingDataModule):
         shards: the converted dataset: a folder, or an object-storage URL (``s3://bucket/imagenet-shards``;
             credentials as for boto3), holding ``train/``, ``val/`` and ``classes.json``.
         batch_size: images per device and step.
-        num_workers: data-loading processes per device.
+        num_workers: data-loading processes per device; None: the machine's share (``default_num_workers``).
         image_size: training crop and evaluation center crop, in pixels; None: the backbone's
             ``pretrained_cfg`` input size (``fishnet-pl`` fills it in from ``--model.backbone``), else 224.
         val_resize: shorter side before the evaluation center crop; None: ``image_size`` divided by the
@@ -218,7 +218,7 @@ class StreamingImageNetDataModule(StreamingDataModule):
 
     dataset = "imagenet"
 
-    def __init__(self, shards: str, batch_size: int = 32, num_workers: int = 4, image_size: int | None = None,
+    def __init__(self, shards: str, batch_size: int = 32, num_workers: int | None = None, image_size: int | None = None,
                  val_resize: int | None = None, cache_dir: str | None = None, max_cache_size: str | None = None,
                  pin_memory: bool = True):
         super().__init__(shards, batch_size, num_workers, cache_dir, max_cache_size, pin_memory)
@@ -268,7 +268,7 @@ class StreamingCOCODataModule(coco.CategoryLabels, StreamingDataModule):
         shards: the converted dataset: a folder, or an object-storage URL (``s3://bucket/coco-shards``;
             credentials as for boto3), holding ``train/``, ``val/``, ``classes.json`` and ``annotations/``.
         batch_size: images per device and step.
-        num_workers: data-loading processes per device.
+        num_workers: data-loading processes per device; None: the machine's share (``default_num_workers``).
         with_masks: add instance masks to the targets (for Mask R-CNN); the shards must have been
             converted with masks (the default).
         scale_range: training scale jitter, relative to each image's own size.
@@ -283,7 +283,7 @@ class StreamingCOCODataModule(coco.CategoryLabels, StreamingDataModule):
     collate_fn = staticmethod(coco.collate_detection)
     stage_splits = SplitLoaders.stage_splits  # setup picks each stage's split (test: a converted test split or val)
 
-    def __init__(self, shards: str, batch_size: int = 2, num_workers: int = 4, with_masks: bool = True,
+    def __init__(self, shards: str, batch_size: int = 2, num_workers: int | None = None, with_masks: bool = True,
                  scale_range: tuple[float, float] = (0.8, 1.2), flip_prob: float = 0.5, cache_dir: str | None = None,
                  max_cache_size: str | None = None, pin_memory: bool = True):
         super().__init__(shards, batch_size, num_workers, cache_dir, max_cache_size, pin_memory)

@@ -48,6 +48,9 @@ class FishNetModule(L.LightningModule):
             true, or a dict of ``torch.compile`` arguments (e.g. ``{mode: max-autotune}``). The first steps
             of a run wait for the compilation (``python -m bench.backbones --modes compile`` measures it, column
             "compile s"; inductor caches it for later runs).
+        channels_last: keep the network's weights and every batch's images in the channels-last layout
+            (NHWC), in training, validation, test and predict; oneDNN's and cuDNN's convolutions are faster there
+            (``python -m bench.backbones --modes eager,channels_last``). Checkpoints load either way.
         optimizer: "sgd" (momentum, the authors' choice) or "adamw".
         lr: peak learning rate; default 0.1 x global batch / 256 for SGD, 1e-3 x global batch / 256 for AdamW.
         momentum: SGD momentum.
@@ -73,6 +76,7 @@ class FishNetModule(L.LightningModule):
         unfreeze_at_epoch: int = 0,
         grad_checkpointing: bool = False,
         compile: bool | dict[str, Any] = False,
+        channels_last: bool = False,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float | None = None,
         momentum: float = 0.9,
@@ -95,6 +99,8 @@ class FishNetModule(L.LightningModule):
         freeze(self.backbone, backbone, frozen_stages, freeze_bn)
         if grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
+        if channels_last:  # before compiling: the compiled graph is traced for this layout
+            self.network.to(memory_format=torch.channels_last)
         if compile:
             self.network.compile(**(compile if isinstance(compile, dict) else {}))
 
@@ -128,7 +134,17 @@ class FishNetModule(L.LightningModule):
             self.head.set_dataset_info(recorded_dataset_info(checkpoint))
 
     # ------------------------------------------------------------------ steps
+    def in_layout(self, batch: dict) -> dict:
+        """With ``channels_last``, the batch's stacked images in that layout (detection's list of images of their
+        own sizes stays: torchvision batches them itself, and the convolutions follow the weights' layout). Not
+        Lightning's ``on_after_batch_transfer``: overriding that warns on every run with a datamodule."""
+        images = batch.get("image") if self.hparams.get("channels_last") else None
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            batch = {**batch, "image": images.contiguous(memory_format=torch.channels_last)}
+        return batch
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch = self.in_layout(batch)
         loss, logs = self.head.training_step(self.network, batch)
         self._log_headline_in_progress_bar({f"train/{k}": v for k, v in logs.items()}, batch_size=images_in(batch))
         return loss
@@ -146,7 +162,7 @@ class FishNetModule(L.LightningModule):
         self._evaluation_step(batch, "test")
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:
-        self.head.evaluation_step(self.network, batch, stage)
+        self.head.evaluation_step(self.network, self.in_layout(batch), stage)
 
     def on_validation_epoch_end(self) -> None:
         self._evaluation_epoch_end("val")
@@ -165,7 +181,7 @@ class FishNetModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
         if not images_in(batch):  # every image of the batch was unreadable (datamodules.predict)
             return []
-        return self.head.predict_step(self.network, batch)
+        return self.head.predict_step(self.network, self.in_layout(batch))
 
     def on_train_epoch_start(self) -> None:
         """``unfreeze_at_epoch``: the whole backbone trains from this epoch on, BatchNorms frozen by ``freeze_bn``

@@ -173,3 +173,34 @@ def test_compile_compiles_the_network_in_place_so_checkpoints_keep_their_keys():
     assert compiled.network._compiled_call_impl is not None and plain.network._compiled_call_impl is None
     assert compiled.state_dict().keys() == plain.state_dict().keys()
     assert compiled.hparams.compile == {"mode": "reduce-overhead"}  # restored from checkpoints like the rest
+
+
+def test_channels_last_keeps_weights_and_batches_in_that_layout_with_the_same_results(in_tmp):
+    from fishnet_pl import DetectionHead, SegmentationHead
+
+    heads = {"classification": (ClassificationHead, {}),
+             "segmentation": (SegmentationHead, {"decoder_kwargs": {"decoder_pyramid_channels": 32,
+                                                                    "decoder_segmentation_channels": 32}}),
+             "detection": (DetectionHead, {"fpn_channels": 32, "min_size": 64, "max_size": 64,
+                                           "representation_size": 32, "mask_head_channels": 8})}
+    for task, (head, kwargs) in heads.items():
+        torch.manual_seed(0)
+        nchw = FishNetModule(head(**kwargs), backbone="fishnet_tiny", num_classes=3).eval()
+        nhwc = FishNetModule(head(**kwargs), backbone="fishnet_tiny", num_classes=3, channels_last=True).eval()
+        nhwc.load_state_dict(nchw.state_dict())  # checkpoints load either way
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in nhwc.parameters() if p.dim() == 4)
+        images = torch.rand(2, 3, 64, 64)
+        batch = nhwc.in_layout({"image": images})
+        assert batch["image"].is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous(
+            memory_format=torch.channels_last)
+        with torch.no_grad():
+            if task == "detection":  # a list of images, which torchvision batches itself
+                ours, theirs = nhwc(list(images)), nchw(list(images))
+                ours, theirs = ours[0]["boxes"][:5], theirs[0]["boxes"][:5]
+            else:
+                ours, theirs = nhwc(batch["image"]), nchw(images)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=task)
+    # The CLI option: a short quickstart fit and predict with it.
+    cli = run_cli(["fit", *small_run(in_tmp, "--model.channels_last", "true", "--trainer.max_epochs", "1",
+                                     "--trainer.limit_train_batches", "2")])
+    assert cli.model.hparams.channels_last and torch.isfinite(cli.trainer.callback_metrics["val/loss"])

@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from datamodules.common import DatasetError, read_rgb
+from datamodules.common import DatasetError, default_num_workers, read_rgb
 from datamodules.imagenet import QUICKSTART_ROOT, ImageNetDataModule
 from datamodules.imagenet_labels import SYNSET_MAPPING
 from datamodules.quickstart import CLASSIFICATION_CLASSES, write_classification
@@ -209,3 +209,19 @@ def test_class_names_come_from_imagenets_synset_mapping_else_the_folder_names(im
     (kaggle / SYNSET_MAPPING).write_text("n02012849\n")
     with pytest.raises(DatasetError, match=rf"{kaggle / SYNSET_MAPPING}:1: expected '<wnid> <name>"):
         _ = datamodule(root).class_names
+
+
+def test_num_workers_follow_the_cores_this_job_may_use_unless_given(imagenet):
+    import os
+    from types import SimpleNamespace
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_num_workers(1) == max(1, cores - 1) and default_num_workers(4 * cores) == 1
+    dm = datamodule(imagenet, num_workers=None)
+    dm.setup("fit")
+    assert dm.train_dataloader().num_workers == dm.val_dataloader().num_workers == default_num_workers(1)
+    dm.trainer = SimpleNamespace(num_devices=2)  # two training processes on this node share the cores
+    assert dm.train_dataloader().num_workers == default_num_workers(2)
+    assert datamodule(imagenet, num_workers=3).workers == 3
+    recipe = yaml.safe_load((CONFIGS / "imagenet" / "fishnet150.yaml").read_text())
+    assert recipe["data"]["init_args"]["num_workers"] is None  # the recipes follow the machine
