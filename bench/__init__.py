@@ -161,3 +161,22 @@ def command_line_of_its_own():
 def comma_separated(text: str) -> list[str]:
     """An option's comma-separated values (``--workers 1,2``), blanks dropped."""
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def run_end_to_end(args, run, report) -> dict:
+    """An end-to-end bench's ``main``: ``run(args)`` with ``--threads`` torch threads for the run only and freed
+    memory kept as ``fishnet-pl`` keeps it (process-wide: the plain loop gets it too), then its table printed and
+    its JSON written."""
+    import fishnet_pl
+
+    threads = torch.get_num_threads()
+    fishnet_pl.keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        payload = run(args)
+    finally:  # main() also runs inside other processes (the tests)
+        torch.set_num_threads(threads)
+    print(report(payload))
+    print(f"\nwrote {write_json(args.json, payload)}", file=sys.stderr)
+    return payload

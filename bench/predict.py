@@ -33,7 +33,6 @@ from types import SimpleNamespace
 
 import torch
 
-import fishnet_pl
 from bench import (
     RESULTS_DIR,
     StepTimes,
@@ -41,10 +40,10 @@ from bench import (
     command_line_of_its_own,
     machine_info,
     markdown_table,
+    run_end_to_end,
     stretch_rate,
     summarize,
     write_jpegs,
-    write_json,
 )
 from bench.fit import SOURCE_SIZE, fit_args, run_fit, write_dataset
 from datamodules.common import find_images
@@ -231,18 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    fishnet_pl.keep_freed_memory()  # as fishnet-pl does; process-wide, so the plain loop gets it too
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        payload = run(args)
-    finally:  # main() also runs inside other processes (the tests)
-        torch.set_num_threads(threads)
-    print(report(payload))
-    print(f"\nwrote {write_json(args.json, payload)}", file=sys.stderr)
-    return payload
+    return run_end_to_end(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

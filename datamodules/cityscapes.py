@@ -44,7 +44,7 @@ from datamodules.common import (
     use_quickstart_data,
 )
 from datamodules.dataset_info import DatasetInfo
-from datamodules.panoptic import panoptic_sample, stuff_classes, thing_labels
+from datamodules.panoptic import PanopticLabels, panoptic_sample
 from datamodules.quickstart_segmentation import write_cityscapes
 
 # Shared with every segmentation datamodule: Cityscapes differs only in how it finds pairs and maps label ids.
@@ -164,7 +164,7 @@ class CityscapesPanopticDataset(AugmentedDataset):
         return {**sample, "path": str(image_path)}
 
 
-class CityscapesDataModule(SegmentationDataModule):
+class CityscapesDataModule(PanopticLabels, SegmentationDataModule):
     """Cityscapes fine annotations in the official layout: semantic (19 classes, with the usual segmentation
     augmentation), instance or panoptic segmentation targets (8 thing and 11 stuff classes, for detectors).
 
@@ -253,16 +253,6 @@ class CityscapesDataModule(SegmentationDataModule):
         """The panoptic benchmark's 19 categories ``{"id" (label id), "name", "isthing", "color"}`` by id: 11 stuff
         classes, road .. sky, and 8 thing classes, person .. bicycle (``datamodules.panoptic`` labels them)."""
         return [{**c, "color": list(c["color"])} for c in PANOPTIC_CATEGORIES]
-
-    @property
-    def num_stuff_classes(self) -> int:
-        """11 stuff classes, semantic classes 1..11 of panoptic targets (0 is any thing)."""
-        return len(stuff_classes(self.categories))
-
-    @property
-    def label_to_category_id(self) -> dict[int, int]:
-        """Thing label 1..8 -> its Cityscapes label id."""
-        return {label: category_id for category_id, label in thing_labels(self.categories).items()}
 
     @property
     def palette(self) -> list[tuple[int, int, int]]:

@@ -42,7 +42,7 @@ from datamodules.common import (
     require_dir,
 )
 from datamodules.dataset_info import DatasetInfo
-from datamodules.panoptic import panoptic_sample, stuff_classes, thing_labels
+from datamodules.panoptic import PanopticLabels, panoptic_sample
 from datamodules.segmentation import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class COCOPanopticDataset(AugmentedDataset):
         return {**sample, "path": str(record.path)}
 
 
-class COCOPanopticDataModule(AugmentedDataModule):
+class COCOPanopticDataModule(PanopticLabels, AugmentedDataModule):
     """COCO 2017 panoptic segmentation in the official layout (80 thing and 53 stuff categories), for Panoptic FPN.
 
     Batches are ``CityscapesDataModule(targets="panoptic")``'s (``datamodules.coco.collate_detection``):
@@ -265,16 +265,6 @@ class COCOPanopticDataModule(AugmentedDataModule):
     def class_names(self) -> list[str]:
         """Thing category names; index = label - 1."""
         return [c["name"] for c in self.categories if c["isthing"]]
-
-    @property
-    def num_stuff_classes(self) -> int:
-        """S stuff categories (53 for COCO), semantic classes 1..S (0 is any thing)."""
-        return len(stuff_classes(self.categories))
-
-    @property
-    def label_to_category_id(self) -> dict[int, int]:
-        """Thing label 1..T -> its COCO category id."""
-        return {label: category_id for category_id, label in thing_labels(self.categories).items()}
 
     @property
     def dataset_info(self) -> DatasetInfo:

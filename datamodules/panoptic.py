@@ -35,6 +35,22 @@ def stuff_classes(categories: Sequence[dict]) -> dict[int, int]:
     return {c["id"]: s for s, c in enumerate((c for c in categories if not c["isthing"]), 1)}
 
 
+class PanopticLabels:
+    """What a panoptic datamodule's ``categories`` give (a mixin): the stuff count and the thing labels' ids."""
+
+    categories: list[dict]
+
+    @property
+    def num_stuff_classes(self) -> int:
+        """S stuff categories, semantic classes 1..S of panoptic targets (0 is any thing)."""
+        return len(stuff_classes(self.categories))
+
+    @property
+    def label_to_category_id(self) -> dict[int, int]:
+        """Thing label 1..T -> its category id."""
+        return {label: category_id for category_id, label in thing_labels(self.categories).items()}
+
+
 def panoptic_target(segment_ids: np.ndarray, segments: Sequence[dict], categories: Sequence[dict], *, image_id: int,
                     crowds: bool, semantic: bool, panoptic: bool, source: str) -> dict:
     """The target of one image, in torchvision's detection format plus what Panoptic FPN and its evaluation read.

@@ -21,10 +21,11 @@ import traceback
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import lightning as L
 import timm
+import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -35,6 +36,8 @@ from fishnet_pl.checkpoint import check_checkpoint, recorded_predict_data
 from fishnet_pl.malloc import keep_freed_memory
 from fishnet_pl.module import FishNetModule
 from fishnet_pl.writers import PredictionWriter
+
+log = logging.getLogger(__name__)
 
 #: The data of ``predict --ckpt_path CKPT`` given without a config: a folder of images, prepared as the checkpoint says.
 PREDICT_FOLDER = "datamodules.predict.PredictFolderDataModule"
@@ -162,6 +165,7 @@ class FishNetCLI(LightningCLI):
         self._one_folder_per_run(config)
         if self.subcommand == "predict":  # it writes prediction files only: no logs to replace the training run's
             config["trainer"]["logger"] = False
+        native_bf16_or_fp32(config["trainer"])
         if self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path"):
             # The checkpoint's weights replace the backbone's initial ones: do not read (or fetch) those.
             config["model"]["backbone_weights"] = None
@@ -293,6 +297,20 @@ class _DropTips(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(("💡 Tip", "The following callbacks returned in `LightningModule"))
+
+
+def native_bf16_or_fp32(trainer: Any) -> None:
+    """bf16 precision on a CPU without native bf16 arithmetic (AVX512-BF16 or AMX) runs emulated, slower than fp32:
+    there the run trains in 32-true instead, and says so. The quickstarts ask for bf16-mixed, their fastest setting
+    where the CPU has it (``python -m bench.fit``; docs/performance.md)."""
+    precision = str(trainer.get("precision"))
+    accelerator = str(trainer.get("accelerator") or "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision.startswith("bf16") and on_cpu and not (torch.backends.mkldnn.is_available()
+                                                        and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        log.warning("precision %s: this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 runs "
+                    "slower than fp32; training in 32-true instead", precision)
+        trainer["precision"] = "32-true"
 
 
 def quiet_third_party_chatter() -> None:

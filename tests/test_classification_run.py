@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import shutil
@@ -29,6 +30,8 @@ from .conftest import (
 )
 
 QUICKSTART = CONFIGS / "quickstart" / "classification.yaml"
+#: The quickstart's precision (bf16-mixed), for a checkpoint-alone predict to compare with the config's.
+SAME_PRECISION = ("--trainer.precision", "bf16-mixed")
 
 
 def small_run(root: Path, *extra: str) -> list[str]:
@@ -113,7 +116,7 @@ def test_predict_writes_top5_classes_with_scores(quickstart, tmp_path):
     # The checkpoint alone predicts a user's folder as the config did the val images (crop, resize, names).
     some = records[::12]
     out, unreadable, readable = predict_from_checkpoint_alone(ckpt, [Path(r["file"]) for r in some],
-                                                              tmp_path / "alone")
+                                                              tmp_path / "alone", *SAME_PRECISION)
     alone = {r["path"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
     assert sorted(alone) == readable  # same-named images in two folders, gray.jpg and gray.png: each its own
     for r in some:
@@ -295,3 +298,27 @@ def test_the_input_size_rule_is_the_backbones(in_tmp):
     assert (cli.datamodule.image_size, cli.trainer.global_step) == (299, 1)
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     assert math.isfinite(metrics["val/loss"])
+
+
+def test_the_quickstart_reaches_its_floor_in_fp32_as_in_bf16(in_tmp):
+    # The quickstart trains in bf16-mixed + channels_last (its fastest on this CPU, python -m bench.fit); in fp32
+    # NCHW it reaches the same floor (test_quickstart_learns_well_above_chance).
+    cli = run_cli(["fit", "--config", QUICKSTART, "--trainer.precision", "32-true", "--model.channels_last", "false",
+                   "--trainer.enable_progress_bar", "false"])
+    (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    assert cli.trainer.precision == "32-true" and metrics["test/acc1"] > 0.6, metrics
+
+
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_so(monkeypatch, caplog):
+    from fishnet_pl.cli import native_bf16_or_fp32
+
+    trainer = {"accelerator": "cpu", "precision": "bf16-mixed"}
+    native_bf16_or_fp32(trainer)
+    assert trainer["precision"] == "bf16-mixed"  # this machine has it (AVX512-BF16 / AMX)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        native_bf16_or_fp32(trainer)
+    assert trainer["precision"] == "32-true" and "no native bf16 arithmetic" in caplog.text
+    gpu = {"accelerator": "gpu", "precision": "bf16-mixed"}
+    native_bf16_or_fp32(gpu)
+    assert gpu["precision"] == "bf16-mixed"

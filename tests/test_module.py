@@ -204,3 +204,28 @@ def test_channels_last_keeps_weights_and_batches_in_that_layout_with_the_same_re
     cli = run_cli(["fit", *small_run(in_tmp, "--model.channels_last", "true", "--trainer.max_epochs", "1",
                                      "--trainer.limit_train_batches", "2")])
     assert cli.model.hparams.channels_last and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+
+def test_predict_runs_the_fused_network_and_gives_the_trained_one_back(in_tmp):
+    import lightning as L
+
+    cli = run_cli(["fit", *small_run(in_tmp, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                                     "--trainer.precision", "32-true")])  # fp32: compared to 1e-5 below
+    trained, norms = cli.model.network, []
+
+    class CountNorms(L.Callback):
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            norms.append(sum(isinstance(m, torch.nn.BatchNorm2d) for m in pl_module.network.modules()))
+
+    cli.trainer.callbacks.append(CountNorms())
+    records = [r for batch in cli.trainer.predict(cli.model, datamodule=cli.datamodule) for r in batch]
+    assert cli.model.network is trained and norms  # the trained network is back
+    assert norms[0] < sum(isinstance(m, torch.nn.BatchNorm2d) for m in trained.modules())  # folded ones gone
+    # The same predictions as the trained network's, up to float rounding.
+    cli.datamodule.setup("predict")
+    batch = next(iter(cli.datamodule.predict_dataloader()))
+    with torch.no_grad():
+        expected = cli.model.eval()(batch["image"]).softmax(dim=1)
+    for record, probs in zip(records, expected):
+        assert record["classes"][0] == int(probs.argmax())
+        assert record["scores"] == pytest.approx(probs.topk(len(record["scores"])).values.tolist(), abs=1e-5)

@@ -27,6 +27,8 @@ from .conftest import (
 
 QUICKSTART = CONFIGS / "quickstart" / "segmentation.yaml"
 CLASSIFICATION_CKPT = "runs/quickstart/classification/last.ckpt"  # the link the config reads
+#: The quickstart's precision (bf16-mixed), for a checkpoint-alone predict to compare with the config's.
+SAME_PRECISION = ("--trainer.precision", "bf16-mixed")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def test_predict_writes_a_cityscapes_colour_mask_and_an_overlay_per_image(quicks
 
     # The checkpoint alone predicts a user's folder as the config did the test images (scale, palette),
     # one image per step: each keeps its own size.
-    out, unreadable, readable = predict_from_checkpoint_alone(ckpt, images[:2], tmp_path / "alone")
+    out, unreadable, readable = predict_from_checkpoint_alone(ckpt, images[:2], tmp_path / "alone", *SAME_PRECISION)
     # Same-named images in two folders, gray.jpg and gray.png: each its own files.
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(
         f"{r}.{kind}.png" for r in readable for kind in ("mask", "overlay"))
@@ -141,3 +143,13 @@ def test_run_killed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(in_t
     assert torch.load("b/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
     run_cli([*args, *csv_logger("b"), "--ckpt_path", "last"])
     assert_same_final_weights("a/checkpoints/last.ckpt", "b/checkpoints/last.ckpt", global_step=6)
+
+
+def test_the_quickstart_reaches_its_floor_in_fp32_as_in_bf16(classification_quickstart_dir, tmp_path):
+    # The quickstart trains in bf16-mixed + channels_last (its fastest on this CPU, python -m bench.fit); in fp32
+    # NCHW it reaches the same floor (test_quickstart_reaches_an_miou_well_above_chance).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(classification_quickstart_dir)
+        cli = run_cli(["fit", "--config", QUICKSTART, "--trainer.precision", "32-true", "--model.channels_last",
+                       "false", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp_path])
+    assert cli.trainer.precision == "32-true" and cli.trainer.callback_metrics["val/miou"] > 0.4

@@ -68,7 +68,7 @@ class ClassificationHead(TaskHead):
         self.metrics[stage].update(self(network, batch["image"]), batch["label"], batch.get("index"))
 
     def predict_step(self, network: nn.Module, batch: dict) -> list[dict[str, Any]]:
-        probs = self(network, batch["image"]).softmax(dim=1)
+        probs = self(network, batch["image"]).float().softmax(dim=1)  # fp32 scores also under bf16 autocast
         scores, classes = probs.topk(min(5, probs.shape[1]), dim=1)
         return [{"path": path, "classes": c.tolist(), "scores": s.tolist()}
                 for path, c, s in zip(batch["path"], classes.cpu(), scores.cpu())]
