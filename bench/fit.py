@@ -28,6 +28,7 @@ pass ``--root`` to plan workers by.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import math
@@ -64,6 +65,11 @@ MODES = {"fp32": "fishnet-pl fit, fp32",
 PLAIN = "plain PyTorch loop, fp32"
 AIMS = {"fp32": 0.95, "recommended": 1.8}  # issue 24: the loop's overhead; the recommended settings' speed-up
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4
+#: Datamodules whose data wait ``--datamodules`` also measures (Lightning only, no plain twin): their quickstart
+#: recipe with ``--model``, on their quickstart data written into the temporary folder.
+OTHER_DATAMODULES = {"cityscapes": ("segmentation.yaml", "datamodules.quickstart_segmentation", "write_cityscapes"),
+                     "coco": ("detection.yaml", "datamodules.quickstart_detection", "write_detection")}
+QUICKSTARTS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 
 
 def learning_rate(batch_size: int) -> float:
@@ -134,6 +140,21 @@ def lightning_round(args: argparse.Namespace, root: Path, run_dir: Path, workers
     (times,) = [c for c in cli.trainer.callbacks if isinstance(c, StepTimes)]
     return {**stretch_rate(times.starts, times.ends, args.warmup, args.batch_size),
             "torch_threads": times.torch_threads}
+
+
+def datamodule_round(args: argparse.Namespace, name: str, root: Path, run_dir: Path, workers: int) -> dict:
+    """One ``fishnet-pl fit`` of another datamodule's quickstart recipe (its batch, sizes and precision) with
+    ``--model`` from scratch, ``warmup + steps`` steps without validation: its timed stretch."""
+    recipe = OTHER_DATAMODULES[name][0]
+    cli = run_fit(["fit", "--config", str(QUICKSTARTS / recipe), "--model.backbone", args.model,
+                   "--model.backbone_weights", "null", "--data.init_args.root", str(root),
+                   "--data.init_args.quickstart", "false", "--data.init_args.num_workers", str(workers),
+                   "--trainer.max_steps", str(args.warmup + args.steps), "--trainer.limit_val_batches", "0",
+                   "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+                   "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run_dir),
+                   "--trainer.callbacks+=bench.StepTimes"])
+    (times,) = [c for c in cli.trainer.callbacks if isinstance(c, StepTimes)]
+    return stretch_rate(times.starts, times.ends, args.warmup, cli.datamodule.batch_size)
 
 
 # -------------------------------------------------------------------------------------------- the plain PyTorch side
@@ -213,6 +234,15 @@ def run(args: argparse.Namespace) -> dict:
                         run_dir = tmp / "runs" / f"{side}_w{workers}_r{number}"
                         result = lightning_round(args, root, run_dir, workers, side)
                     rounds[str(workers)][side].append(result)
+        others = []
+        for name in args.datamodules:
+            module, function = OTHER_DATAMODULES[name][1:]
+            data = getattr(importlib.import_module(module), function)(tmp / name)
+            for workers in args.workers:
+                measured = [datamodule_round(args, name, data, tmp / "runs" / f"{name}_w{workers}_r{number}", workers)
+                            for number in range(args.rounds)]
+                others.append({"datamodule": name, "workers": workers, "recipe": OTHER_DATAMODULES[name][0],
+                               **summarize(measured), "per_round": measured})
     machine = machine_info()
     machine["load_average_1min"] = [load_before, machine["load_average_1min"]]  # at start and end
     results = []
@@ -234,6 +264,7 @@ def run(args: argparse.Namespace) -> dict:
                      "learning_rate": learning_rate(args.batch_size), "data": args.root or
                      f"{CLASSES} classes of {SOURCE_SIZE}x{SOURCE_SIZE} JPEGs written to a temporary folder"},
         "results": results,
+        "datamodules": others,
     }
 
 
@@ -254,6 +285,15 @@ def report(payload: dict) -> str:
         "spent waiting for the next batch (Lightning: between one batch's end hook and the next one's start hook).",
         "",
         markdown_table(header, rows),
+        *([] if not payload["datamodules"] else [
+            "",
+            f"Other datamodules, `fishnet-pl fit` of their quickstart recipe with {s['model']} on their quickstart "
+            "data (its batch, image sizes and precision):",
+            "",
+            markdown_table(["datamodule", "recipe", "workers", "images/s (median)", "data wait"],
+                           [[d["datamodule"], f"configs/quickstart/{d['recipe']}", d["workers"],
+                             f"{d['images_per_s']:.2f}", f"{100 * d['data_wait_share']:.0f}%"]
+                            for d in payload["datamodules"]])]),
     ])
 
 
@@ -274,12 +314,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"Lightning runs to time against the plain fp32 loop: {', '.join(MODES)} (default: both)")
     parser.add_argument("--root", help="an ImageNet-layout folder (train/<class>/*.JPEG, val/<class>/...) to read; "
                                        "default: JPEGs written into a temporary folder")
+    parser.add_argument("--datamodules", type=comma_separated, default=[],
+                        help="also the data wait of these datamodules' quickstart recipes: "
+                             f"{', '.join(OTHER_DATAMODULES)} (default: none)")
     parser.add_argument("--json", default=str(RESULTS_DIR / "fit.json"),
                         help="where to write the results (default: bench/results/fit.json)")
     args = parser.parse_args(argv)
     unknown = [mode for mode in args.modes if mode not in MODES]
     if unknown or not args.modes:
         parser.error(f"--modes takes {', '.join(MODES)}; got {','.join(args.modes) or 'nothing'}")
+    if set(args.datamodules) - set(OTHER_DATAMODULES):
+        parser.error(f"--datamodules takes {', '.join(OTHER_DATAMODULES)}; got {','.join(args.datamodules)}")
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup, --steps and --rounds must be at least 1 (the first timed step needs the end of "
                      "the one before it)")

@@ -46,6 +46,18 @@ def test_fit_bench_times_fishnet_pl_fit_and_the_plain_loop_in_turn(tmp_path, cap
         assert f"| 1 | {row['run']} | {row['images_per_s']:.2f} |" in printed
 
 
+def test_fit_bench_reports_the_data_wait_of_other_datamodules_per_worker_count(tmp_path, capsys):
+    payload = fit.main([*TINY, "--modes", "fp32", "--workers", "0,1", "--datamodules", "cityscapes,coco",
+                        "--json", str(tmp_path / "fit.json")])
+    rows = {(d["datamodule"], d["workers"]): d for d in payload["datamodules"]}
+    assert set(rows) == {(name, w) for name in ("cityscapes", "coco") for w in (0, 1)}
+    for key, row in rows.items():
+        assert row["images_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1, key
+        assert [r["steps"] for r in row["per_round"]] == [2], key
+    printed = capsys.readouterr().out
+    assert "| cityscapes | configs/quickstart/segmentation.yaml | 1 |" in printed
+
+
 def test_predict_bench_times_fishnet_pl_predict_and_load_network_in_turn(tmp_path, capsys):
     path = tmp_path / "predict.json"
     payload = predict.main([*TINY, "--workers", "0", "--json", str(path)])
