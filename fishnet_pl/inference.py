@@ -96,6 +96,8 @@ def load_network(ckpt_path: str | os.PathLike, map_location: Any = "cpu", fuse: 
       ``preprocessing``.
     - ``net.class_names``: the training datamodule's class names (index = label; for detection label - 1),
       or None when the checkpoint has none.
+    - Panoptic FPN: ``net.merge(output)`` turns one image's output (Mask R-CNN's detections and ``semantic``
+      logits) into its panoptic map and segments, as ``fishnet-pl predict`` does (``PanopticHead.merge``).
 
     ``fuse=True`` gives ``fuse_for_inference``'s faster eval-only network (BatchNorms folded into the
     convolutions), whose state dict then no longer matches the architecture's: keep the default for
@@ -109,4 +111,7 @@ def load_network(ckpt_path: str | os.PathLike, map_location: Any = "cpu", fuse: 
     data = recorded_dataset_info(ckpt)
     network.preprocessing = preprocessing(network, head, data)
     network.class_names = data.class_names
+    if hasattr(head, "merge"):  # Panoptic FPN: the merge of one image's output into its panoptic map
+        head.set_dataset_info(data)
+        network.merge = head.merge
     return network

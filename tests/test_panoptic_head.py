@@ -96,5 +96,26 @@ def test_evaluation_gives_a_panoptic_map_and_the_checkpoint_gives_the_plain_netw
     with torch.no_grad():
         (again,) = network([image])
     torch.testing.assert_close(again["semantic"], output["semantic"])
-    with pytest.raises(ValueError, match="does not export panoptic networks"):
-        model.head.export_wrapper(network, {}, 3)
+    merged_ids, merged_segments = network.merge(again)  # the merge travels with the plain network
+    assert torch.equal(merged_ids, ids) and merged_segments == segments
+
+
+@torch.no_grad()
+def test_onnx_export_is_the_network_before_the_merge(tmp_path):
+    import onnxruntime as ort
+
+    from fishnet_pl.export import export_checkpoint
+
+    model = tiny().eval()
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "panoptic.ckpt")
+    session = ort.InferenceSession(str(export_checkpoint(tmp_path / "panoptic.ckpt", "onnx", tmp_path / "p.onnx")))
+    assert [o.name for o in session.get_outputs()] == ["boxes", "labels", "scores", "masks", "semantic"]
+    for h, w in ((64, 96), (80, 64)):  # any image size
+        image = torch.rand(3, h, w)
+        ref = model([image])[0]
+        boxes, labels, scores, masks, semantic = session.run(None, {"image": image.numpy()})
+        assert len(boxes) == len(ref["boxes"]) and semantic.shape == (12, h, w)
+        torch.testing.assert_close(torch.from_numpy(semantic), ref["semantic"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(scores), ref["scores"], atol=1e-4, rtol=1e-4)

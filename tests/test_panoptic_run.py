@@ -86,4 +86,5 @@ def test_predict_from_the_checkpoint_alone_writes_panoptic_maps(quickstart, tmp_
         assert {s["name"] for s in line["segments"]} <= names and any(s["isthing"] for s in line["segments"])
         for s in line["segments"]:
             assert s["area"] == int((ids == s["id"]).sum())
+        assert json.loads((out / f"nested/{image.name}.segments.json").read_text()) == line["segments"]
         assert Image.open(out / line["drawn"]).size == Image.open(image).size

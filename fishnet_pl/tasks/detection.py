@@ -154,6 +154,9 @@ class DetectionHead(TaskHead):
         self.representation_size, self.mask_head_channels = representation_size, mask_head_channels
         self.mask_threshold, self.predict_score_thresh = mask_threshold, predict_score_thresh
 
+    #: Outputs of the network beyond the detector's, exported after them (Panoptic FPN's ``semantic``).
+    extra_outputs: tuple[str, ...] = ()
+
     @property
     def with_masks(self) -> bool:
         return self.detector == "maskrcnn"
@@ -278,15 +281,18 @@ class DetectionHead(TaskHead):
     def export_wrapper(self, network: nn.Module, preprocessing: dict[str, Any], in_channels: int,
                        input_size: tuple[int, int] | None = None) -> ExportSpec:
         """One ``image`` float [C, H, W] in [0, 1] of any size -> ``boxes`` [N, 4] (xyxy, input pixels),
-        ``labels`` [N] (1..K), ``scores`` [N] and, for Mask R-CNN, ``masks`` [N, 1, H, W] probabilities; the
-        detector resizes and normalises the image itself. Only ONNX, with torch's TorchScript-based exporter:
+        ``labels`` [N] (1..K), ``scores`` [N] and, for Mask R-CNN, ``masks`` [N, 1, H, W] probabilities (then the
+        ``extra_outputs``, maps [C, H, W] at the image's size); the detector resizes and normalises the image itself.
+        Only ONNX, with torch's TorchScript-based exporter:
         ``torch.export`` cannot take torchvision's detectors. The example is square, ``min_size`` a side."""
         side = self.min_size if isinstance(self.min_size, int) else self.min_size[-1]
         h, w = input_size or (side, side)
-        wrapper = DetectorOutputs(network, self.with_masks).eval()
+        wrapper = DetectorOutputs(network, self.with_masks, self.extra_outputs).eval()
         return ExportSpec(
             wrapper, torch.rand(in_channels, h, w), ["image"], list(wrapper.keys),
-            dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in wrapper.keys}},
+            dynamic_axes={"image": {1: "height", 2: "width"},
+                          **{n: {0: "detections"} for n in wrapper.keys if n not in self.extra_outputs},
+                          **{n: {1: "height", 2: "width"} for n in self.extra_outputs}},  # maps [C, H, W]
             opset=ONNX_OPSET,
             pt2_unsupported="torch.export (pt2) cannot export torchvision's Faster / Mask R-CNN on this torch: the "
                             "number of boxes after non-maximum suppression is data-dependent (torchvision's "
@@ -296,12 +302,13 @@ class DetectionHead(TaskHead):
 
 class DetectorOutputs(nn.Module):
     """torchvision's detector on one float [C, H, W] image in [0, 1] (it resizes and normalises itself),
-    returning ``(boxes, labels, scores)`` plus ``masks`` for Mask R-CNN, as tensors."""
+    returning ``(boxes, labels, scores)`` plus ``masks`` for Mask R-CNN (and any ``extra`` keys of its output,
+    e.g. Panoptic FPN's ``semantic``), as tensors."""
 
-    def __init__(self, network: nn.Module, with_masks: bool):
+    def __init__(self, network: nn.Module, with_masks: bool, extra: tuple[str, ...] = ()):
         super().__init__()
         self.network = network
-        self.keys = ("boxes", "labels", "scores", "masks") if with_masks else ("boxes", "labels", "scores")
+        self.keys = ("boxes", "labels", "scores", *(("masks",) if with_masks else ()), *extra)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.network([image])[0]

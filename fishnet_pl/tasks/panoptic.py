@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import nn
 
 from datamodules.dataset_info import DatasetInfo
+from fishnet_pl.drawing import text_colour, text_font
 from fishnet_pl.metrics import write_coco_results
 from fishnet_pl.panoptic import PanopticEvaluation, ids_to_rgb, merge_panoptic, read_panoptic_png, write_panoptic
-from fishnet_pl.tasks.base import ExportSpec
 from fishnet_pl.tasks.detection import FPN_REDUCTIONS, DetectionHead
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,27 @@ def semantic_targets(targets: list[dict[str, torch.Tensor]] | None, sizes: list[
         resized = F.interpolate(target["semantic"][None, None].float(), size=(h, w), mode="nearest")
         out[i, :h, :w] = resized[0, 0].long()
     return out
+
+
+def outline_things(drawn: np.ndarray, ids: np.ndarray, things: list[dict], table: np.ndarray) -> Image.Image:
+    """``drawn`` (uint8 [H, W, 3]) with each thing segment's border in its colour and its class name on a tag at
+    its top left, the text scaled to the image (``fishnet_pl.drawing.text_font``)."""
+    inner = np.zeros_like(ids, dtype=bool)  # pixels whose four neighbours share their segment
+    inner[1:-1, 1:-1] = ((ids[1:-1, 1:-1] == ids[:-2, 1:-1]) & (ids[1:-1, 1:-1] == ids[2:, 1:-1])
+                         & (ids[1:-1, 1:-1] == ids[1:-1, :-2]) & (ids[1:-1, 1:-1] == ids[1:-1, 2:]))
+    out = drawn.copy()
+    for s in things:
+        mask = ids == s["id"]
+        out[mask & ~inner] = table[s["id"]]
+    picture = Image.fromarray(out)
+    draw, font = ImageDraw.Draw(picture), text_font(*ids.shape)
+    for s in things:
+        rows, cols = np.nonzero(ids == s["id"])
+        colour = tuple(int(c) for c in table[s["id"]])
+        left, top, right, bottom = draw.textbbox((int(cols.min()), int(rows.min())), s["name"], font=font)
+        draw.rectangle((left, top, right, bottom), fill=colour)
+        draw.text((left, top), s["name"], fill=text_colour(colour), font=font)
+    return picture
 
 
 class PanopticHead(DetectionHead):
@@ -243,9 +264,10 @@ class PanopticHead(DetectionHead):
 
     def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, first: bool) -> None:
         """Per image ``a/img.jpg``: ``a/img.jpg.png``, each segment's colour blended half-and-half over the image
-        (stuff in its category's colour, things each in their own); ``a/img.jpg.panoptic.png``, the segment ids in
-        the COCO panoptic encoding (id = R + 256 G + 256² B); and a ``panoptic.jsonl`` line: ``path``, ``file``
-        (as read) and the segments with ``id``, ``category_id``, ``name``, ``isthing``, ``area`` (and ``score``)."""
+        (stuff in its category's colour, things each in their own, outlined and tagged with their class);
+        ``a/img.jpg.panoptic.png``, the segment ids in the COCO panoptic encoding (id = R + 256 G + 256² B);
+        ``a/img.jpg.segments.json``, its segments with ``id``, ``category_id``, ``name``, ``isthing``, ``area`` (and
+        ``score``); and the same as a ``panoptic.jsonl`` line with ``path`` and ``file`` (as read)."""
         names = {c["id"]: c["name"] for c in self.dataset_info.categories or []}
         colours = {c["id"]: tuple(c["color"]) for c in self.dataset_info.categories or [] if c.get("color")}
         with open(folder / "panoptic.jsonl", "w" if first else "a") as f:
@@ -257,10 +279,12 @@ class PanopticHead(DetectionHead):
                     table[s["id"]] = thing_colour if s["isthing"] else colours.get(s["category_id"], thing_colour)
                 image = r["image"].permute(1, 2, 0).numpy()
                 drawn = np.where(ids[..., None] > 0, (0.5 * image + 0.5 * table[ids]).round(), image).astype(np.uint8)
-                (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(drawn).save(folder / f"{relative}.png")
-                Image.fromarray(ids_to_rgb(ids)).save(folder / f"{relative}.panoptic.png")
                 segments = [{**s, "name": names.get(s["category_id"], str(s["category_id"]))} for s in r["segments"]]
+                (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                things = [s for s in segments if s["isthing"]]
+                outline_things(drawn, ids, things, table).save(folder / f"{relative}.png")
+                Image.fromarray(ids_to_rgb(ids)).save(folder / f"{relative}.panoptic.png")
+                (folder / f"{relative}.segments.json").write_text(json.dumps(segments))
                 f.write(json.dumps({"path": relative, "file": r["path"], "drawn": f"{relative}.png",
                                     "panoptic": f"{relative}.panoptic.png", "segments": segments}) + "\n")
 
@@ -278,7 +302,7 @@ class PanopticHead(DetectionHead):
         log.info("%s panoptic results of %d images written to %s", stage, len(records), path)
 
     # ------------------------------------------------------------------ deployment
-    def export_wrapper(self, network: nn.Module, preprocessing: dict[str, Any], in_channels: int,
-                       input_size: tuple[int, int] | None = None) -> ExportSpec:
-        raise ValueError("fishnet-pl export does not export panoptic networks; use fishnet_pl.load_network(ckpt) "
-                         "in Python, or export a detection or segmentation checkpoint")
+    #: Exported after Mask R-CNN's outputs: the semantic logits, float [S + 1, H, W] (``export_wrapper``).
+    extra_outputs = ("semantic",)
+    # export_wrapper is DetectionHead's: one image -> boxes, labels, scores, masks and semantic, the network before
+    # the merge (ONNX only); ``merge`` (``fishnet_pl.panoptic.merge_panoptic``) turns them into the panoptic map.
