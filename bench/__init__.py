@@ -180,3 +180,21 @@ def run_end_to_end(args, run, report) -> dict:
     print(report(payload))
     print(f"\nwrote {write_json(args.json, payload)}", file=sys.stderr)
     return payload
+
+
+def check_turns(parser, args, unit: str, model: bool = True) -> None:
+    """The options every end-to-end bench shares, or a parser error saying what to give: ``--warmup``,
+    ``--steps``, ``--rounds`` (each at least 1; ``unit`` names a step, "step" or "batch"), ``--workers`` and, with
+    ``model``, ``--model``."""
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        parser.error(f"--warmup, --steps and --rounds must be at least 1 (the first timed {unit} needs the end of "
+                     "the one before it)")
+    if not args.workers or min(args.workers) < 0:
+        parser.error(f"--workers takes counts >= 0, e.g. 1,2; got {args.workers}")
+    if model:
+        from bench.backbones import check_model_name
+
+        try:
+            check_model_name(args.model)
+        except ValueError as err:
+            parser.error(str(err))

@@ -45,6 +45,7 @@ from torch import nn
 from bench import (
     RESULTS_DIR,
     StepTimes,
+    check_turns,
     comma_separated,
     command_line_of_its_own,
     machine_info,
@@ -325,19 +326,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--modes takes {', '.join(MODES)}; got {','.join(args.modes) or 'nothing'}")
     if set(args.datamodules) - set(OTHER_DATAMODULES):
         parser.error(f"--datamodules takes {', '.join(OTHER_DATAMODULES)}; got {','.join(args.datamodules)}")
-    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
-        parser.error("--warmup, --steps and --rounds must be at least 1 (the first timed step needs the end of "
-                     "the one before it)")
-    if not args.workers or min(args.workers) < 0:
-        parser.error(f"--workers takes counts >= 0, e.g. 1,2; got {args.workers}")
+    check_turns(parser, args, "step")
     if args.root and not (Path(args.root) / "train").is_dir():
         parser.error(f"--root {args.root}: no train/ folder in it (expected train/<class>/*.JPEG, ImageNet's layout)")
-    from bench.backbones import check_model_name
-
-    try:
-        check_model_name(args.model)
-    except ValueError as err:
-        parser.error(str(err))
     return args
 
 

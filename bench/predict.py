@@ -36,6 +36,7 @@ import torch
 from bench import (
     RESULTS_DIR,
     StepTimes,
+    check_turns,
     comma_separated,
     command_line_of_its_own,
     machine_info,
@@ -210,22 +211,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=str(RESULTS_DIR / "predict.json"),
                         help="where to write the results (default: bench/results/predict.json)")
     args = parser.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
-        parser.error("--warmup, --steps and --rounds must be at least 1 (the first timed batch needs the end of "
-                     "the one before it)")
-    if not args.workers or min(args.workers) < 0:
-        parser.error(f"--workers takes counts >= 0, e.g. 1,2; got {args.workers}")
+    check_turns(parser, args, "batch", model=not args.ckpt)
     if args.ckpt and not Path(args.ckpt).is_file():
         parser.error(f"--ckpt {args.ckpt}: no such file (a checkpoint of fishnet-pl fit, e.g. runs/.../last.ckpt)")
     if args.root and not Path(args.root).is_dir():
         parser.error(f"--root {args.root}: no such folder (a folder of images to predict)")
-    if not args.ckpt:
-        from bench.backbones import check_model_name
-
-        try:
-            check_model_name(args.model)
-        except ValueError as err:
-            parser.error(str(err))
     return args
 
 
