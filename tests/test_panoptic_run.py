@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,39 @@ def test_predict_from_the_checkpoint_alone_writes_panoptic_maps(quickstart, tmp_
             assert s["area"] == int((ids == s["id"]).sum())
         assert json.loads((out / f"nested/{image.name}.segments.json").read_text()) == line["segments"]
         assert Image.open(out / line["drawn"]).size == Image.open(image).size
+
+
+def test_coco_panoptic_trains_through_the_cli_and_panopticapi_scores_the_results_as_logged(tmp_path):
+    from panopticapi.evaluation import pq_compute
+
+    from .datamodules.test_coco_panoptic import GHOST, crowds_only, scene, void, write_split
+
+    def real(ids_segments):  # as COCO's files are: every listed segment has pixels
+        ids, segments = ids_segments
+        return ids, [s for s in segments if s["id"] != GHOST]
+
+    root = tmp_path / "coco"
+    write_split(root, "train2017", {11: real(scene()), 12: real(scene(64, 48)), 14: crowds_only(),
+                                    15: real(scene(flipped=True))})
+    gt_json = write_split(root, "val2017", {21: real(scene()), 22: void(), 23: crowds_only(64, 48)})
+    run = tmp_path / "run"
+    cli = run_cli(["fit", "--model.backbone", "fishnet_tiny", "--model.head", "fishnet_pl.tasks.PanopticHead",
+                   "--model.head.init_args.num_stuff_classes", "3", "--model.head.init_args.semantic_channels", "32",
+                   "--model.head.init_args.fpn_channels", "32", "--model.head.init_args.min_size", "48",
+                   "--model.head.init_args.max_size", "64", "--model.head.init_args.representation_size", "32",
+                   "--model.head.init_args.mask_head_channels", "8", "--model.head.init_args.stuff_area_thresh", "16",
+                   "--model.head.init_args.instance_score_thresh", "0.05", "--model.lr", "0.01",
+                   "--data", "datamodules.coco_panoptic.COCOPanopticDataModule", "--data.root", root,
+                   "--data.batch_size", "2", "--data.num_workers", "0", "--trainer.max_epochs", "2",
+                   "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+                   "--trainer.default_root_dir", run])
+    run_dir = Path(cli.trainer.log_dir)  # run/version_0
+    written = json.loads((run_dir / "val_panoptic.json").read_text())
+    assert sorted(a["image_id"] for a in written["annotations"]) == [21, 22, 23]  # the COCO image ids
+    with contextlib.redirect_stdout(io.StringIO()):
+        official = pq_compute(str(gt_json), str(run_dir / "val_panoptic.json"),
+                              str(root / "annotations" / "panoptic_val2017"), str(run_dir / "val_panoptic"))
+    logged = cli.trainer.callback_metrics
+    assert official["All"]["n"] == 5 and logged["val/pq"] > 0  # every category scored
+    for group, suffix in (("All", ""), ("Things", "_things"), ("Stuff", "_stuff")):
+        assert official[group]["pq"] == pytest.approx(float(logged[f"val/pq{suffix}"]), abs=1e-6), group
