@@ -33,6 +33,7 @@ class DatasetInfo:
             order (``datamodules.panoptic``: thing label k is the k-th thing, semantic class s the s-th stuff).
         benchmark: the official evaluation whose results format the heads also write: "cityscapes"
             (cityscapesScripts' instance results, ``fishnet_pl.metrics.write_cityscapes_instances``).
+        tasks: a multi-task datamodule's, each task's own (``fishnet_pl.tasks.MultiTaskHead``).
     """
 
     class_names: list[str] | None = None
@@ -43,6 +44,7 @@ class DatasetInfo:
     predict: dict[str, Any] = field(default_factory=dict)
     categories: list[dict] | None = None
     benchmark: str | None = None
+    tasks: dict[str, DatasetInfo] | None = None
 
     def __post_init__(self) -> None:
         # Plain lists and ints, whatever the datamodule computed them as (tuples, numpy ints, names as labels).
@@ -56,7 +58,10 @@ class DatasetInfo:
             "categories": None if self.categories is None else [
                 {"id": int(c["id"]), "name": str(c["name"]), "isthing": int(c["isthing"]),
                  "color": [int(v) for v in c["color"]]} for c in self.categories],
-            "benchmark": None if self.benchmark is None else str(self.benchmark)}
+            "benchmark": None if self.benchmark is None else str(self.benchmark),
+            "tasks": None if self.tasks is None else {
+                str(name): info if isinstance(info, DatasetInfo) else DatasetInfo.from_dict(info)
+                for name, info in self.tasks.items()}}
         for name, value in plain.items():
             object.__setattr__(self, name, value)
 

@@ -117,10 +117,13 @@ def _set_rng_states(state: dict[str, Any]) -> None:
 
 
 def images_in(batch: dict) -> int:
-    """The number of images in a batch of our datamodules (its ``image``: a tensor or, for detection, a list);
+    """The number of images in a batch of our datamodules (its ``image``: a tensor or, for detection, a list; a
+    multi-task batch's in all);
     ThroughputMonitor's ``batch_size_fn`` (``--trainer.callbacks.batch_size_fn fishnet_pl.callbacks.images_in``)."""
     images = batch.get("image")
-    return 0 if images is None else len(images)
+    if images is None:  # a multi-task batch: one batch per task
+        return sum(images_in(part) for part in batch.values() if isinstance(part, dict))
+    return len(images)
 
 
 class ImagesPerSecond(L.Callback):

@@ -34,7 +34,8 @@ class FishNetModule(L.LightningModule):
     Args:
         head: the task (``ClassificationHead``, ``SegmentationHead``, ``DetectionHead``).
         backbone: a timm model name: a FishNet (``fishnet150``, ...) or any other (``resnet50``, ...).
-        num_classes: classes of the task (linked from ``data.num_classes`` by the CLI).
+        num_classes: classes of the task (linked from ``data.num_classes`` by the CLI); per task for a
+            ``MultiTaskHead``.
         backbone_weights: start the backbone from a file: an official FishNet ``.tar``, a timm or
             torchvision checkpoint of that architecture, or one of our ``.ckpt`` files (any task);
             the classifier is dropped when it differs. Or the name of the authors' released weights
@@ -69,7 +70,7 @@ class FishNetModule(L.LightningModule):
         self,
         head: TaskHead | None = None,
         backbone: str = "fishnet150",
-        num_classes: int = 1000,
+        num_classes: int | dict[str, int] = 1000,
         backbone_weights: str | None = None,
         in_channels: int = 3,
         frozen_stages: int = 0,
