@@ -157,13 +157,17 @@ class FishNetModule(L.LightningModule):
         self.log_dict(shown, prog_bar=True, **kwargs)
         self.log_dict({name: value for name, value in logs.items() if name not in shown}, **kwargs)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step(batch, "val", dataloader_idx)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step(batch, "test", dataloader_idx)
 
-    def _evaluation_step(self, batch: dict, stage: str) -> None:
+    def _evaluation_step(self, batch: dict, stage: str, dataloader_idx: int = 0) -> None:
+        # A multi-task datamodule names the task of each evaluation loader (datamodules.multitask).
+        tasks = _datamodule_task_names(self)
+        if tasks:
+            batch = {**batch, "task": tasks[dataloader_idx]}
         self.head.evaluation_step(self.network, self.in_layout(batch), stage)
 
     def on_validation_epoch_end(self) -> None:
@@ -335,6 +339,12 @@ def _lightnings_default(callback: L.Callback) -> bool:
     default = ModelCheckpoint()
     return all(getattr(callback, name) == getattr(default, name) for name in (
         "state_key", "monitor", "dirpath", "filename", "save_last", "save_top_k", "save_weights_only"))
+
+
+def _datamodule_task_names(module: FishNetModule) -> list[str] | None:
+    """The task of each evaluation loader, when the trainer's datamodule is a multi-task one."""
+    trainer = getattr(module, "_trainer", None)
+    return getattr(getattr(trainer, "datamodule", None), "task_names", None) if trainer is not None else None
 
 
 def _dataset_info(module: FishNetModule) -> DatasetInfo:

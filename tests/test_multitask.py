@@ -103,3 +103,20 @@ def test_a_multitask_checkpoint_rebuilds_itself_and_starts_a_single_task_run(tmp
                            backbone_weights=str(tmp_path / "multi.ckpt"))
     shared = module.backbone.state_dict()
     assert all(torch.equal(v, shared[k.removeprefix("model.")]) for k, v in single.backbone.state_dict().items())
+
+
+def test_the_three_quickstart_datasets_train_one_backbone_through_the_cli(in_tmp):
+    from .conftest import CONFIGS, run_cli
+
+    cli = run_cli(["fit", "--config", CONFIGS / "quickstart" / "multitask.yaml", "--trainer.max_epochs", "1",
+                   "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+                   "--trainer.enable_progress_bar", "false"])
+    assert cli.model.hparams.num_classes == {"cls": 4, "seg": 19, "det": 3}  # linked from each datamodule
+    metrics = set(cli.trainer.callback_metrics)
+    assert {"train/cls/loss", "train/seg/loss", "train/det/loss", "train/loss"} <= metrics
+    assert {"val/cls/acc1", "val/seg/miou", "val/det/bbox_ap", "val/det/segm_ap"} <= metrics
+    run = in_tmp / cli.trainer.log_dir
+    assert (run / "det" / "val_detections.json").is_file()  # each task's results in its own folder
+    assert [p.name for p in (run / "checkpoints").glob("*val_cls_acc1*")]  # the first task's headline metric
+    info = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["fishnet_pl_dataset"]["tasks"]
+    assert info["seg"]["palette"][0] == [128, 64, 128] and info["det"]["label_to_category_id"]

@@ -152,7 +152,8 @@ class PanopticHead(DetectionHead):
     ``write_results`` writes ``{stage}_panoptic.json`` with its PNG folder (COCO panoptic format, for
     panopticapi and cityscapesScripts) and ``{stage}_detections.json``. Predict writes per image
     ``a/img.jpg.png`` (the segments drawn over the image), ``a/img.jpg.panoptic.png`` (COCO panoptic ids) and a
-    ``panoptic.jsonl`` line.
+    ``panoptic.jsonl`` line. The arguments after ``stuff_area_thresh`` are ``DetectionHead``'s (the detector is
+    Mask R-CNN).
 
     Args:
         num_stuff_classes: S stuff classes (Cityscapes 11, COCO 53); the semantic branch predicts S + 1.
@@ -162,7 +163,6 @@ class PanopticHead(DetectionHead):
         overlap_thresh: merge: an instance more than this fraction covered by higher-scoring ones is dropped.
         instance_score_thresh: merge: instances scoring below this are left out of the panoptic map.
         stuff_area_thresh: merge: stuff regions smaller than this (pixels) become void.
-        Others: as ``DetectionHead`` (the detector is Mask R-CNN).
     """
 
     monitor = "val/pq"
