@@ -120,3 +120,53 @@ def test_the_three_quickstart_datasets_train_one_backbone_through_the_cli(in_tmp
     assert [p.name for p in (run / "checkpoints").glob("*val_cls_acc1*")]  # the first task's headline metric
     info = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["fishnet_pl_dataset"]["tasks"]
     assert info["seg"]["palette"][0] == [128, 64, 128] and info["det"]["label_to_category_id"]
+
+
+def multitask_config(folder, **overrides: dict) -> str:
+    """The multi-task quickstart recipe without workers or loggers, written into ``folder``; ``overrides`` are
+    further datamodule arguments by task."""
+    import yaml
+
+    from .conftest import CONFIGS
+
+    config = yaml.safe_load((CONFIGS / "quickstart" / "multitask.yaml").read_text())
+    for dm in config["data"]["init_args"]["datamodules"].values():
+        dm["init_args"]["num_workers"] = 0
+    for task, arguments in overrides.items():
+        config["data"]["init_args"]["datamodules"][task]["init_args"].update(arguments)
+    config["trainer"]["logger"] = False
+    (folder / "multitask.yaml").write_text(yaml.safe_dump(config))
+    return "multitask.yaml"
+
+
+def test_a_multitask_run_killed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(in_tmp):
+    # SIGKILL after the mid-epoch checkpoint of step 4: the three tasks' loaders continue where they stood.
+    import signal
+
+    from .conftest import assert_same_final_weights, csv_logger, run_cli, run_cli_subprocess
+
+    args = ["fit", "--config", multitask_config(in_tmp), "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "1", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks+=fishnet_pl.callbacks.LastCheckpoint", "--trainer.callbacks.every_n_train_steps=2"]
+    run_cli([*args, *csv_logger("a")])
+    killed = run_cli_subprocess([*args, *csv_logger("b"), "--trainer.callbacks+=tests.helpers.KillAtStep",
+                                 "--trainer.callbacks.step=5"], cwd=in_tmp)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert torch.load("b/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    run_cli([*args, *csv_logger("b"), "--ckpt_path", "last"])
+    assert_same_final_weights("a/checkpoints/last.ckpt", "b/checkpoints/last.ckpt", global_step=6)
+
+
+def test_multitask_validation_on_three_processes_gives_the_one_process_metrics(in_tmp):
+    from .conftest import csv_logger, run_cli, validation_metrics
+
+    # One detection image per step: torchvision pads a batch's images to one size, which moves an untrained
+    # detector's boxes, so 4-image batches composed differently on 1 and 3 processes would differ in AP.
+    config = multitask_config(in_tmp, det={"batch_size": 1})
+    run_cli(["fit", "--config", config, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", *csv_logger("fit")])
+    # Each task's val set on 3 processes (the distributed sampler repeats a few images): every image once per task.
+    args = ["--config", config, "--ckpt_path", "fit/checkpoints/last.ckpt"]
+    one, three = (validation_metrics(args, in_tmp, devices) for devices in (1, 3))
+    assert {"val/cls/acc1", "val/seg/miou", "val/det/bbox_ap"} <= set(one) and set(one) == set(three)
+    assert one == pytest.approx(three, abs=1e-6)
