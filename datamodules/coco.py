@@ -358,7 +358,28 @@ class CategoryLabels:
                                     "collate": "datamodules.coco.collate_detection"})
 
 
-class COCODataModule(CategoryLabels, AugmentedDataModule):
+class AspectRatioBatches:
+    """Training batches of wide or of tall images (``GroupedBatchSampler``) when ``group_aspect_ratio``, and the
+    predict dataset of a folder or of the val split's images (a mixin before the datamodule base, for the COCO
+    datamodules: their training datasets give ``group_ids``, their ``_split`` records ``path`` and ``image_id``)."""
+
+    def loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        if train and self.group_aspect_ratio:  # batches of wide or of tall images
+            sampler = GroupedBatchSampler(ResumableRandomSampler(dataset), self.batch_size, True, dataset.group_ids)
+            return make_loader(dataset, batch_sampler=sampler, collate_fn=collate_detection,
+                               num_workers=self.workers, pin_memory=self.pin_memory)
+        return super().loader(dataset, train)
+
+    def predict_dataset(self) -> PredictDataset:
+        """Every image under ``predict_root``, else the val split's images with their COCO ids."""
+        if self.predict_root:
+            samples = [(path, None) for path in find_images(self.predict_root)]
+        else:
+            samples = [(record.path, record.image_id) for record in self._split(self.val_split)]
+        return PredictDataset(samples, eval_transform())
+
+
+class COCODataModule(CategoryLabels, AspectRatioBatches, AugmentedDataModule):
     """COCO 2017 detection / instance segmentation in the official layout, for torchvision-style detectors.
 
     Batches are ``{"image": [float32 [3, H, W] in 0..1], "target": [dict], "path": [str]}``; a target
@@ -452,11 +473,7 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
         if stage == "test":
             self.datasets["test"] = CocoDataset(self._split(self.test_split), eval_transform(), self.with_masks)
         if stage == "predict":
-            if self.predict_root:
-                samples = [(p, None) for p in find_images(self.predict_root)]
-            else:
-                samples = [(record.path, record.image_id) for record in self._split(self.val_split)]
-            self.datasets["predict"] = PredictDataset(samples, eval_transform())
+            self.datasets["predict"] = self.predict_dataset()
 
     def _split(self, split: str) -> list[CocoImage]:
         """The split's images and validated annotations, loaded once (COCO's train json takes a while)."""
@@ -465,10 +482,3 @@ class COCODataModule(CategoryLabels, AugmentedDataModule):
             self._splits[split] = load_split(self.annotation_file(split), image_dir, self.category_id_to_label,
                                              self.with_masks)
         return self._splits[split]
-
-    def loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        if train and self.group_aspect_ratio:  # batches of wide or of tall images
-            sampler = GroupedBatchSampler(ResumableRandomSampler(dataset), self.batch_size, True, dataset.group_ids)
-            return make_loader(dataset, batch_sampler=sampler, collate_fn=collate_detection,
-                               num_workers=self.workers, pin_memory=self.pin_memory)
-        return super().loader(dataset, train)

@@ -19,11 +19,10 @@ from pathlib import Path
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.coco import (
-    GroupedBatchSampler,
-    PredictDataset,
+    AspectRatioBatches,
     _check_files_exist,
     check_augmentation,
     collate_detection,
@@ -35,9 +34,6 @@ from datamodules.common import (
     AugmentedDataModule,
     AugmentedDataset,
     DatasetError,
-    ResumableRandomSampler,
-    find_images,
-    make_loader,
     read_rgb,
     require_dir,
 )
@@ -187,7 +183,7 @@ class COCOPanopticDataset(AugmentedDataset):
         return {**sample, "path": str(record.path)}
 
 
-class COCOPanopticDataModule(PanopticLabels, AugmentedDataModule):
+class COCOPanopticDataModule(PanopticLabels, AspectRatioBatches, AugmentedDataModule):
     """COCO 2017 panoptic segmentation in the official layout (80 thing and 53 stuff categories), for Panoptic FPN.
 
     Batches are ``CityscapesDataModule(targets="panoptic")``'s (``datamodules.coco.collate_detection``):
@@ -295,11 +291,7 @@ class COCOPanopticDataModule(PanopticLabels, AugmentedDataModule):
             self.datasets[split] = COCOPanopticDataset(self._split(name), self.categories, eval_transform(),
                                                        crowds=True, semantic=True, panoptic=True)
         if stage == "predict":
-            if self.predict_root:
-                samples = [(path, None) for path in find_images(self.predict_root)]
-            else:
-                samples = [(record.path, record.image_id) for record in self._split(self.val_split)]
-            self.datasets["predict"] = PredictDataset(samples, eval_transform())
+            self.datasets["predict"] = self.predict_dataset()
 
     def _split(self, split: str) -> list[PanopticImage]:
         """The split's images and validated segments, loaded once."""
@@ -313,10 +305,3 @@ class COCOPanopticDataModule(PanopticLabels, AugmentedDataModule):
                             self.annotation_file(split), empty)
             self._splits[split] = records
         return self._splits[split]
-
-    def loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        if train and self.group_aspect_ratio:  # batches of wide or of tall images, as COCODataModule's
-            sampler = GroupedBatchSampler(ResumableRandomSampler(dataset), self.batch_size, True, dataset.group_ids)
-            return make_loader(dataset, batch_sampler=sampler, collate_fn=collate_detection,
-                               num_workers=self.workers, pin_memory=self.pin_memory)
-        return super().loader(dataset, train)

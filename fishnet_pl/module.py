@@ -341,18 +341,21 @@ def _lightnings_default(callback: L.Callback) -> bool:
         "state_key", "monitor", "dirpath", "filename", "save_last", "save_top_k", "save_weights_only"))
 
 
+def _datamodule(module: FishNetModule) -> Any:
+    """The datamodule of the module's trainer; None when unattached or without one."""
+    trainer = getattr(module, "_trainer", None)  # the trainer property raises when unattached
+    return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+
 def _datamodule_task_names(module: FishNetModule) -> list[str] | None:
     """The task of each evaluation loader, when the trainer's datamodule is a multi-task one."""
-    trainer = getattr(module, "_trainer", None)
-    return getattr(getattr(trainer, "datamodule", None), "task_names", None) if trainer is not None else None
+    return getattr(_datamodule(module), "task_names", None)
 
 
 def _dataset_info(module: FishNetModule) -> DatasetInfo:
     """What the datamodule the module's trainer holds declares (``datamodules.dataset_info``); empty when there is
     none or it cannot say (e.g. a dataset folder that is not there any more)."""
-    trainer = getattr(module, "_trainer", None)  # the trainer property raises when unattached
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
     try:
-        return dataset_info(datamodule)
+        return dataset_info(_datamodule(module))
     except Exception:
         return DatasetInfo()
