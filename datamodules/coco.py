@@ -290,15 +290,21 @@ class GroupedBatchSampler(BatchSampler):
         self._skip = state_dict["yielded"]
 
     def __iter__(self):
+        # The restored place and the sampler's restored seed are taken when the loader makes its iterator, as
+        # torchdata's own BatchSampler does, not at its first batch: an iterator made and never used must not hand
+        # them on to the next one.
         skip, self._skip, self.yielded = self._skip, 0, 0
-        for batch in self._batches():
+        return self._skipping(self._batches(iter(self.sampler)), skip)
+
+    def _skipping(self, batches, skip: int):
+        for batch in batches:
             self.yielded += 1
             if self.yielded > skip:
                 yield batch
 
-    def _batches(self):
+    def _batches(self, indices):
         buffers, seen, count = defaultdict(list), defaultdict(list), 0
-        for index in self.sampler:
+        for index in indices:
             group = self.group_ids[index]
             buffers[group].append(index)
             seen[group].append(index)
