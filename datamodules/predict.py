@@ -27,8 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.common import DatasetError, collate_same_size, find_images, loader_workers, read_rgb
 from datamodules.dataset_info import DatasetInfo
+from datamodules.multitask import MultiTaskDataModule
 
 log = logging.getLogger(__name__)
+
 
 def to_float() -> A.Compose:
     """The images as they are, float32 in [0, 1]: for models that resize themselves (detection)."""
@@ -142,3 +144,28 @@ class PredictFolderDataModule(L.LightningDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size,
                           num_workers=loader_workers(self.num_workers, self.trainer), collate_fn=self.collate,
                           pin_memory=torch.cuda.is_available())
+
+
+class MultiTaskPredictFolderDataModule(MultiTaskDataModule):
+    """Every image under ``predict_root``, for each task of a multi-task model: one ``PredictFolderDataModule``
+    per task, each preparing the images as that task's training data prepared its evaluation images, their
+    loaders run one after the other (``task_names``). The CLI picks it for ``predict --ckpt_path`` of a multi-task
+    checkpoint and fills ``tasks`` from it.
+
+    Args:
+        predict_root: folder of images, searched recursively.
+        tasks: each task's ``PredictFolderDataModule`` arguments besides ``predict_root`` (what the checkpoint
+            recorded of the task's data: transform, collate, batch size, class names, ...).
+        batch_size: images per step for every task; None: each task's recorded size.
+        num_workers: data-loading processes; None: the machine's share (``default_num_workers``).
+    """
+
+    def __init__(self, predict_root: str, tasks: dict[str, dict[str, Any]] | None = None,
+                 batch_size: int | None = None, num_workers: int | None = None):
+        if not tasks:
+            raise ValueError("MultiTaskPredictFolderDataModule needs each task's data: give --ckpt_path a multi-task "
+                             "fishnet-pl checkpoint (which records it) or set --data.init_args.tasks")
+        super().__init__({name: PredictFolderDataModule(predict_root, **{
+            **arguments, "batch_size": batch_size or arguments.get("batch_size"), "num_workers": num_workers})
+            for name, arguments in tasks.items()})
+        self.predict_root = predict_root  # the prediction writers mirror its layout

@@ -84,12 +84,28 @@ def recorded_dataset_info(ckpt: Mapping[str, Any]) -> DatasetInfo:
 def recorded_predict_data(ckpt_path: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint recorded of its training data, as ``PredictFolderDataModule``'s arguments: how to prepare
     images (``DatasetInfo.predict``), ``class_names``, ``palette``, ``label_to_category_id``, ``categories`` and
-    ``num_classes`` (None where it has none)."""
+    ``num_classes`` (None where it has none). A multi-task checkpoint (``num_classes`` per task) gives ``tasks``:
+    those arguments of each task, as ``MultiTaskPredictFolderDataModule`` takes them."""
     ckpt = read_checkpoint(ckpt_path, mmap=True)  # a few small entries: the tensors stay on disk
-    info = recorded_dataset_info(ckpt)
+    info, num_classes = recorded_dataset_info(ckpt), ckpt["hyper_parameters"].get("num_classes")
+    if isinstance(num_classes, Mapping):
+        return {"tasks": {name: predict_arguments(task_info(info, name), classes)
+                          for name, classes in num_classes.items()}}
+    return predict_arguments(info, num_classes)
+
+
+def task_info(info: DatasetInfo, name: str) -> DatasetInfo:
+    """What a multi-task checkpoint recorded of the task ``name``'s training data (empty when nothing)."""
+    from datamodules.dataset_info import DatasetInfo
+
+    return (info.tasks or {}).get(name) or DatasetInfo()
+
+
+def predict_arguments(info: DatasetInfo, num_classes: int | None) -> dict[str, Any]:
+    """``PredictFolderDataModule``'s arguments from what a (task's) datamodule declared."""
     return {**info.predict, "class_names": info.class_names, "palette": info.palette,
             "label_to_category_id": info.label_to_category_id, "categories": info.categories,
-            "num_classes": ckpt["hyper_parameters"].get("num_classes")}
+            "num_classes": num_classes}
 
 
 def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> dict[str, torch.Tensor]:

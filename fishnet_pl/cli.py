@@ -39,8 +39,10 @@ from fishnet_pl.writers import PredictionWriter
 
 log = logging.getLogger(__name__)
 
-#: The data of ``predict --ckpt_path CKPT`` given without a config: a folder of images, prepared as the checkpoint says.
+#: The data of ``predict --ckpt_path CKPT`` given without a config: a folder of images, prepared as the checkpoint says
+#: (for a multi-task checkpoint, as each task's data did).
 PREDICT_FOLDER = "datamodules.predict.PredictFolderDataModule"
+MULTITASK_PREDICT_FOLDER = "datamodules.predict.MultiTaskPredictFolderDataModule"
 
 #: Set to 1 to see the traceback of fishnet-pl's own errors, which print as their message alone.
 TRACEBACK_VARIABLE = "FISHNET_PL_TRACEBACK"
@@ -185,7 +187,8 @@ class FishNetCLI(LightningCLI):
     def _predict_data_from_checkpoint(config) -> None:
         # PredictFolderDataModule's unset arguments: what the checkpoint recorded of its training data.
         data = config.get("data")
-        if not data or data.get("class_path") != PREDICT_FOLDER or not os.path.isfile(config["ckpt_path"]):
+        if not data or data.get("class_path") not in (PREDICT_FOLDER, MULTITASK_PREDICT_FOLDER) \
+                or not os.path.isfile(config["ckpt_path"]):
             return
         init = data["init_args"]
         for key, value in recorded_predict_data(config["ckpt_path"]).items():
@@ -357,13 +360,35 @@ def import_datamodules() -> None:
 
 def _predict_from_checkpoint_alone(args: list[str]) -> list[str]:
     """``predict --ckpt_path CKPT`` with neither a config nor data: predict the folder ``--data.predict_root``
-    with ``PredictFolderDataModule`` (filled in from the checkpoint)."""
+    with ``PredictFolderDataModule``, or ``MultiTaskPredictFolderDataModule`` for a multi-task checkpoint (filled
+    in from the checkpoint)."""
     if not args or args[0] != "predict":
         return args
     given = {arg.split("=", 1)[0] for arg in args[1:] if arg.startswith("-")}
     if "--ckpt_path" not in given or given & {"--config", "-c", "--data", "--data.class_path"}:
         return args
-    return [args[0], "--data", PREDICT_FOLDER, *args[1:]]
+    path = _ckpt_path_argument(args)
+    data = MULTITASK_PREDICT_FOLDER if path and "tasks" in _recorded_predict_data(path) else PREDICT_FOLDER
+    return [args[0], "--data", data, *args[1:]]
+
+
+def _ckpt_path_argument(args: list[str]) -> str | None:
+    """The value of ``--ckpt_path`` on a command line (``--ckpt_path X`` or ``--ckpt_path=X``)."""
+    for flag, value in zip(args, [*args[1:], None]):
+        if flag.startswith("--ckpt_path="):
+            return flag.split("=", 1)[1]
+        if flag == "--ckpt_path":
+            return value
+    return None
+
+
+def _recorded_predict_data(path: str) -> dict[str, Any]:
+    """``recorded_predict_data`` of the checkpoint ``path``; empty when it is not a readable checkpoint (the
+    parser's check then names the problem)."""
+    try:
+        return recorded_predict_data(path) if os.path.isfile(path) else {}
+    except ValueError:
+        return {}
 
 
 def main(args: list[str] | None = None) -> None:

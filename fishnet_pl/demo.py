@@ -1,6 +1,6 @@
 """``make demo``: the quickstart runs on built-in data, each the same command a user would type.
 
-    python -m fishnet_pl.demo [classification|segmentation|detection|panoptic ...]
+    python -m fishnet_pl.demo [classification|segmentation|detection|panoptic|multitask ...]
 
 The segmentation and panoptic quickstarts fine-tune the classification quickstart's checkpoint, so that
 one runs first when its checkpoint is missing. Each run writes in a new version folder of its recipe's
@@ -15,7 +15,7 @@ from pathlib import Path
 from fishnet_pl.cli import build_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
-TASKS = ("classification", "segmentation", "detection", "panoptic")
+TASKS = ("classification", "segmentation", "detection", "panoptic", "multitask")
 #: Quickstarts that fine-tune the classification quickstart's backbone.
 FINE_TUNED = ("segmentation", "panoptic")
 #: What they start from: a link to the newest classification run's last checkpoint.
@@ -26,8 +26,13 @@ def run(task: str) -> tuple[dict[str, float], Path, Path]:
     """Fit the task's quickstart, then test its best checkpoint: (test metrics, run folder, best checkpoint)."""
     print(f"\n=== quickstart {task}: fishnet-pl fit --config configs/quickstart/{task}.yaml", flush=True)
     result = build_cli(["fit", "--config", str(CONFIGS / f"{task}.yaml")])
-    (metrics,) = result.trainer.test(result.model, datamodule=result.datamodule, ckpt_path="best")
-    return metrics, Path(result.trainer.log_dir), Path(result.trainer.checkpoint_callback.best_model_path)
+    return test_best(result), Path(result.trainer.log_dir), Path(result.trainer.checkpoint_callback.best_model_path)
+
+
+def test_best(cli) -> dict[str, float]:
+    """The test metrics of a fitted run's best checkpoint (a multi-task run's: every task's, one loader each)."""
+    per_loader = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
+    return {name: value for loader in per_loader for name, value in loader.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

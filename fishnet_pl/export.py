@@ -24,6 +24,11 @@ it exports (``TaskHead.export_wrapper``: inputs, outputs, which sizes are dynami
   the TorchScript-based ONNX exporter (``dynamo=False``); ``torch.export`` (pt2) raises.
 
 Other networks use torch's ``torch.export``-based ONNX exporter (``dynamo=True``).
+
+A multi-task checkpoint exports one task at a time: ``--task seg`` exports the network of its task ``seg``
+exactly as a single-task checkpoint of that task exports (a folder ``--output`` gets
+``seg_<backbone>_<stem>.<format>``); without ``--task`` it stops, naming the tasks, and ``--task`` on a single-task
+checkpoint stops too.
 """
 
 from __future__ import annotations
@@ -35,33 +40,57 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from fishnet_pl.checkpoint import read_checkpoint, recorded_dataset_info
+from datamodules.dataset_info import DatasetInfo
+from fishnet_pl.checkpoint import read_checkpoint, recorded_dataset_info, task_info
 from fishnet_pl.inference import build_from_checkpoint, preprocessing
 from fishnet_pl.models.fuse import fuse_for_inference
-from fishnet_pl.tasks.base import ExportSpec, as_head
+from fishnet_pl.tasks.base import ExportSpec, TaskHead, as_head
+from fishnet_pl.tasks.multitask import MultiTaskNetwork
 
 FORMATS = ("onnx", "pt2")
 DEFAULT_OPSET = 18
 
 
-def exportable(ckpt: dict[str, Any], input_size: tuple[int, int] | None = None) -> ExportSpec:
-    """What to export (eval mode, BatchNorms folded), as the checkpoint's head wraps its network."""
-    network, head = build_from_checkpoint(ckpt)
-    info = preprocessing(network, head, recorded_dataset_info(ckpt))
+def exportable(ckpt: dict[str, Any], input_size: tuple[int, int] | None = None, task: str | None = None,
+               ckpt_path: str | os.PathLike = "the checkpoint") -> ExportSpec:
+    """What to export (eval mode, BatchNorms folded), as the checkpoint's head wraps its network; of a multi-task
+    checkpoint, the network of ``task`` as its head wraps it (``task_network``)."""
+    network, head, data = task_network(ckpt, task, ckpt_path)
+    info = preprocessing(network, head, data)
     network = fuse_for_inference(network, channels_last=False)  # layouts are the runtime's business
     return head.export_wrapper(network, info, ckpt["hyper_parameters"].get("in_channels", 3), input_size)
 
 
+def task_network(ckpt: dict[str, Any], task: str | None = None,
+                 ckpt_path: str | os.PathLike = "the checkpoint") -> tuple[nn.Module, TaskHead, DatasetInfo]:
+    """The checkpoint's network, head and recorded data; for a multi-task checkpoint those of ``task`` (its
+    network sharing the backbone), which it needs, as a single-task one needs none."""
+    network, head = build_from_checkpoint(ckpt)
+    data = recorded_dataset_info(ckpt)
+    if not isinstance(network, MultiTaskNetwork):
+        if task is not None:
+            raise ValueError(f"{ckpt_path}: a single-task checkpoint ({head.task}); --task {task} chooses one task "
+                             "of a multi-task checkpoint: leave it out")
+        return network, head, data
+    if task is None or task not in network.tasks:
+        given = "without --task" if task is None else f"has no task {task!r}"
+        raise ValueError(f"{ckpt_path}: a multi-task checkpoint {given}; it exports one task at a time: add --task "
+                         f"with one of {list(network.tasks)} (task= in Python)")
+    return network.task(task), head.heads[task], task_info(data, task)
+
+
 def output_file(output: str | os.PathLike, ckpt_path: str | os.PathLike, ckpt: dict[str, Any], fmt: str,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, task: str | None = None) -> Path:
     """The file to write: ``output``, or ``<output>/<task>_<backbone>_<checkpoint stem>.<fmt>`` when ``output`` is
-    a folder (an existing one, or a path ending with a separator). Raises ``FileExistsError`` if that file exists
+    a folder (an existing one, or a path ending with a separator); ``<task>`` is the head's (``classification``)
+    or, of a multi-task checkpoint, the ``task`` name (``seg``). Raises ``FileExistsError`` if that file exists
     and not ``overwrite``."""
     text = os.fspath(output)
     path = Path(text)
     if path.is_dir() or text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
-        task = as_head(ckpt["hyper_parameters"].get("head")).task
+        task = task or as_head(ckpt["hyper_parameters"].get("head")).task
         backbone = ckpt["hyper_parameters"].get("backbone", "fishnet150")
         path = path / f"{task}_{backbone}_{Path(ckpt_path).stem}.{fmt}"
     if path.exists() and not overwrite:
@@ -72,8 +101,9 @@ def output_file(output: str | os.PathLike, ckpt_path: str | os.PathLike, ckpt: d
 
 def export_checkpoint(ckpt_path: str | os.PathLike, fmt: str, output: str | os.PathLike,
                       input_size: tuple[int, int] | None = None, opset: int | None = None,
-                      overwrite: bool = False) -> Path:
-    """Export the checkpoint's network with its normalisation (``fmt`` "onnx" or "pt2").
+                      overwrite: bool = False, task: str | None = None) -> Path:
+    """Export the checkpoint's network with its normalisation (``fmt`` "onnx" or "pt2"); of a multi-task
+    checkpoint, the network of ``task``, as a single-task checkpoint of that task exports.
 
     ``output`` is a file, or a folder to write ``<task>_<backbone>_<checkpoint stem>.<fmt>`` in (``output_file``);
     an existing file raises ``FileExistsError`` before anything is exported, unless ``overwrite``. Returns the
@@ -81,8 +111,8 @@ def export_checkpoint(ckpt_path: str | os.PathLike, fmt: str, output: str | os.P
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     ckpt = read_checkpoint(ckpt_path)
-    output = output_file(output, ckpt_path, ckpt, fmt, overwrite)
-    spec = exportable(ckpt, input_size)
+    spec = exportable(ckpt, input_size, task, ckpt_path)  # a wrong --task fails here, before the file is chosen
+    output = output_file(output, ckpt_path, ckpt, fmt, overwrite, task)
     output.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "pt2" and spec.pt2_unsupported:
         raise NotImplementedError(spec.pt2_unsupported)
@@ -119,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "<task>_<backbone>_<checkpoint file stem>.<format> in, e.g. "
                              "classification_fishnet_tiny_last.onnx")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    parser.add_argument("--task", default=None,
+                        help="of a multi-task checkpoint, the task to export (its name, e.g. seg), as a single-task "
+                             "checkpoint of it exports; the file in an --output folder is then named after it")
     parser.add_argument("--input_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="example input size: classification's fixed size (default: the evaluation crop the "
                              "checkpoint records of its training data, as predict uses it, else the backbone's "
@@ -133,6 +166,6 @@ def export_main(args: list[str]) -> Path:
     """``fishnet-pl export ...`` (``args`` without the ``export`` word)."""
     ns = build_parser().parse_args(args)
     output = export_checkpoint(ns.ckpt_path, ns.format, ns.output,
-                               tuple(ns.input_size) if ns.input_size else None, ns.opset, ns.overwrite)
+                               tuple(ns.input_size) if ns.input_size else None, ns.opset, ns.overwrite, ns.task)
     print(f"wrote {output}")
     return output

@@ -14,10 +14,11 @@ from timm.data import DEFAULT_CROP_PCT
 from torch import nn
 
 from datamodules.dataset_info import DatasetInfo
-from fishnet_pl.checkpoint import read_checkpoint, recorded_dataset_info
+from fishnet_pl.checkpoint import read_checkpoint, recorded_dataset_info, task_info
 from fishnet_pl.models.fuse import fuse_for_inference
 from fishnet_pl.models.registry import check_backbone_name
 from fishnet_pl.tasks.base import TaskHead, as_head
+from fishnet_pl.tasks.multitask import MultiTaskNetwork
 
 log = logging.getLogger(__name__)
 NETWORK_PREFIX = "network."
@@ -99,6 +100,13 @@ def load_network(ckpt_path: str | os.PathLike, map_location: Any = "cpu", fuse: 
     - Panoptic FPN: ``net.merge(output)`` turns one image's output (Mask R-CNN's detections and ``semantic``
       logits) into its panoptic map and segments, as ``fishnet-pl predict`` does (``PanopticHead.merge``).
 
+    A multi-task checkpoint (``MultiTaskHead``) gives its ``MultiTaskNetwork``: ``net(images)`` takes float
+    images in [0, 1], [B, C, H, W] and returns every task's output, ``{task: output}``, each what that task's
+    network above gives (normalised inside where the task's network takes normalised images, padded for
+    segmentation; the images must suit every task, e.g. a FishNet classifier's multiples of 32);
+    ``net.task("seg")`` is one task's network, with the attributes above, sharing the backbone.
+    ``net.preprocessing`` and ``net.class_names`` are those of every task, ``{task: ...}``.
+
     ``fuse=True`` gives ``fuse_for_inference``'s faster eval-only network (BatchNorms folded into the
     convolutions), whose state dict then no longer matches the architecture's: keep the default for
     ``save_pretrained`` or further training. ``fishnet_pl.export`` exports the fused network, wrapped with its
@@ -109,6 +117,19 @@ def load_network(ckpt_path: str | os.PathLike, map_location: Any = "cpu", fuse: 
     if fuse:
         network = fuse_for_inference(network)
     data = recorded_dataset_info(ckpt)
+    if not isinstance(network, MultiTaskNetwork):
+        return describe(network, head, data)
+    for name, task in network.tasks.items():  # the fused copy shares its backbone among the tasks as well
+        describe(task, head.heads[name], task_info(data, name))
+    network.heads = head.heads
+    network.preprocessing = {name: task.preprocessing for name, task in network.tasks.items()}
+    network.class_names = {name: task.class_names for name, task in network.tasks.items()}
+    return network
+
+
+def describe(network: nn.Module, head: TaskHead, data: DatasetInfo) -> nn.Module:
+    """``network`` with what ``load_network`` tells of a task network: ``preprocessing``, ``class_names`` and,
+    for Panoptic FPN, ``merge``."""
     network.preprocessing = preprocessing(network, head, data)
     network.class_names = data.class_names
     if hasattr(head, "merge"):  # Panoptic FPN: the merge of one image's output into its panoptic map

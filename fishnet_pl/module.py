@@ -125,6 +125,10 @@ class FishNetModule(L.LightningModule):
         # Where the backbone sits, so --model.backbone_weights can start any task from this file.
         prefix = f"network.{self.head.backbone_path}." if self.head.backbone_path else "network."
         checkpoint[CKPT_BACKBONE_KEY] = {"name": self.hparams.backbone, "prefix": prefix}
+        # Its weights replace the backbone's start file: a model rebuilt from it (load_from_checkpoint, or LightningCLI
+        # with --ckpt_path, which takes these hyper-parameters) does not read that file again, which may be gone.
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "backbone_weights": None}
         # What the data declared (setup passed the datamodule's to the head): class names, palette, how images
         # were prepared, ... so predict, export and load_network need neither the config nor the dataset.
         checkpoint[CKPT_DATASET_KEY] = self.head.dataset_info.as_dict()
@@ -164,11 +168,13 @@ class FishNetModule(L.LightningModule):
         self._evaluation_step(batch, "test", dataloader_idx)
 
     def _evaluation_step(self, batch: dict, stage: str, dataloader_idx: int = 0) -> None:
-        # A multi-task datamodule names the task of each evaluation loader (datamodules.multitask).
+        self.head.evaluation_step(self.network, self.in_layout(self._with_task(batch, dataloader_idx)), stage)
+
+    def _with_task(self, batch: dict, dataloader_idx: int) -> dict:
+        """The batch with its ``task`` when a multi-task datamodule names the task of each evaluation and predict
+        loader (``datamodules.multitask``)."""
         tasks = _datamodule_task_names(self)
-        if tasks:
-            batch = {**batch, "task": tasks[dataloader_idx]}
-        self.head.evaluation_step(self.network, self.in_layout(batch), stage)
+        return {**batch, "task": tasks[dataloader_idx]} if tasks else batch
 
     def on_validation_epoch_end(self) -> None:
         self._evaluation_epoch_end("val")
@@ -195,10 +201,10 @@ class FishNetModule(L.LightningModule):
         self.network = getattr(self, "_trained_network", self.network)
         self._trained_network = None
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         if not images_in(batch):  # every image of the batch was unreadable (datamodules.predict)
             return []
-        return self.head.predict_step(self.network, self.in_layout(batch))
+        return self.head.predict_step(self.network, self.in_layout(self._with_task(batch, dataloader_idx)))
 
     def on_train_epoch_start(self) -> None:
         """``unfreeze_at_epoch``: the whole backbone trains from this epoch on, BatchNorms frozen by ``freeze_bn``
@@ -241,9 +247,13 @@ class FishNetModule(L.LightningModule):
         lr = hp.lr if hp.lr is not None else (0.1 if hp.optimizer == "sgd" else 1e-3) * self._global_batch() / 256
         # Frozen parameters join the optimizer too, so unfreezing later needs no new optimizer.
         backbone = list(self.backbone.parameters())
-        ids = {id(p) for p in backbone}
+        # The head's own parameters (a multi-task head's learned loss weights) are no network weights: weight decay
+        # would pull them to their start.
+        head = list(self.head.parameters())
+        ids = {id(p) for p in backbone + head}
         groups = [{"params": backbone, "lr": lr * hp.backbone_lr_mult},
-                  {"params": [p for p in self.parameters() if id(p) not in ids], "lr": lr}]
+                  {"params": [p for p in self.parameters() if id(p) not in ids], "lr": lr},
+                  {"params": head, "lr": lr, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)

@@ -42,7 +42,7 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir, self.overwrite = output_dir, overwrite
         self.folder: Path | None = None  # this run's (setup)
-        self.predicted = 0
+        self.predicted: dict[int, int] = {}  # images per predict loader (a multi-task datamodule's: per task)
         self.unreadable: list[str] = []
 
     @staticmethod
@@ -60,7 +60,7 @@ class PredictionWriter(BasePredictionWriter):
         folder, error = trainer.strategy.broadcast(self._free_folder(trainer), src=0)
         if error:
             raise FileExistsError(error)
-        self.folder, self.predicted, self.unreadable = Path(folder), 0, []
+        self.folder, self.predicted, self.unreadable = Path(folder), {}, []
 
     def _free_folder(self, trainer) -> tuple[str, str | None]:
         if self.output_dir is not None:
@@ -81,10 +81,11 @@ class PredictionWriter(BasePredictionWriter):
         datamodule = trainer.datamodule
         paths = [prediction_path(record["path"], datamodule) for record in prediction]
         pl_module.head.write_predictions(prediction, paths, out, first=batch_idx == 0)
-        self.predicted += len(prediction)
-        if batch_idx == 0:
+        self.predicted[dataloader_idx] = self.predicted.get(dataloader_idx, 0) + len(prediction)
+        if batch_idx == 0 and dataloader_idx == 0:
             (out / "unreadable.txt").unlink(missing_ok=True)
         skipped = batch.get("unreadable") if isinstance(batch, dict) else None
+        skipped = [path for path in skipped or () if path not in self.unreadable]  # each task reads the folder
         if skipped:
             self.unreadable += skipped
             with open(out / "unreadable.txt", "a") as f:
@@ -92,11 +93,19 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         super().on_predict_epoch_end(trainer, pl_module)
-        counts = torch.tensor([self.predicted, len(self.unreadable)], device=pl_module.device)
-        predicted, skipped = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        loaders = len(trainer.num_predict_batches)
+        counts = torch.tensor([*(self.predicted.get(i, 0) for i in range(loaders)), len(self.unreadable)],
+                              device=pl_module.device)
+        *predicted, skipped = (int(n) for n in trainer.strategy.reduce(counts, reduce_op="sum").tolist())
         listed = f" (listed in unreadable.txt, e.g. {self.unreadable[0]})" if self.unreadable else ""
-        rank_zero_info(f"predict: {int(predicted)} images predicted, {int(skipped)} skipped as unreadable{listed}; "
-                       f"files written to {self.folder}")
+        tasks = getattr(trainer.datamodule, "task_names", None)
+        if tasks and len(tasks) == loaders:  # a multi-task model: each task's files in <folder>/<task>/
+            counted = (f"{predicted[0]} images predicted by each task ({', '.join(tasks)})" if len(set(predicted)) == 1
+                       else "images predicted by task: " + ", ".join(f"{t} {n}" for t, n in zip(tasks, predicted)))
+            where = f"{self.folder}, a folder per task ({', '.join(f'{t}/' for t in tasks)})"
+        else:
+            counted, where = f"{sum(predicted)} images predicted", self.folder
+        rank_zero_info(f"predict: {counted}, {skipped} skipped as unreadable{listed}; files written to {where}")
 
 
 def prediction_path(path: str | os.PathLike, datamodule: Any) -> str:

@@ -1,4 +1,5 @@
-"""Start any timm backbone from a file, and freeze its first stages.
+"""Start any timm backbone from a file (or a task's whole network from one of our checkpoints), and freeze its
+first stages.
 
 A weights file can be an official FishNet checkpoint, a timm or torchvision checkpoint of the same
 architecture, or one of our Lightning ``.ckpt`` files of any task. Whatever its layout, it is first
@@ -24,7 +25,7 @@ from timm.models._features import _module_list
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fishnet_pl.checkpoint import read_weights
+from fishnet_pl.checkpoint import read_checkpoint, read_weights
 from fishnet_pl.models.architecture import FishNet
 from fishnet_pl.models.official import is_official_layout, to_our_layout
 from fishnet_pl.models.pretrained import resolve_weights
@@ -144,6 +145,39 @@ def load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLik
     dropped = sorted(set(state) - used)
     log.info("%s: loaded %d tensors into %s, left out %s", path, len(to_load), name, dropped)
     return dropped
+
+
+def load_task_network(network: nn.Module, path: str | os.PathLike, *, head: str, backbone: str, num_classes: int,
+                      in_channels: int, backbone_path: str) -> None:
+    """Load the whole network (backbone and decoder) of one of our single-task checkpoints into ``network``, the
+    same task's network as a multi-task run builds it (``MultiTaskHead(task_weights=...)``).
+
+    The file must be a checkpoint of the head class ``head`` (its ``class_path``) on ``backbone`` with
+    ``num_classes`` classes and ``in_channels``, else an error names the file and what differs; then every tensor
+    must match by key and shape. The network's backbone at ``backbone_path`` may hold more than the file (the
+    shared backbone keeps the classifier layers a single-task encoder prunes); those keep their values.
+    """
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    found = {"task": (hp.get("head") or {}).get("class_path"), "backbone": hp.get("backbone"),
+             "num_classes": hp.get("num_classes"), "in_channels": hp.get("in_channels", 3)}
+    expected = {"task": head, "backbone": backbone, "num_classes": num_classes, "in_channels": in_channels}
+    differ = [f"{key} {found[key]!r} (this task's: {expected[key]!r})" for key in expected
+              if found[key] != expected[key]]
+    if differ:
+        raise ValueError(f"{path}: not a checkpoint of this task; its {', '.join(differ)}")
+    state = {k.removeprefix("network."): v for k, v in ckpt["state_dict"].items() if k.startswith("network.")}
+    ours = network.state_dict()
+    prefix = f"{backbone_path}." if backbone_path else None
+    missing = [k for k in ours if k not in state and not (prefix and k.startswith(prefix))]
+    unexpected = [k for k in state if k not in ours]
+    mismatched = [f"{k}: file {tuple(v.shape)}, model {tuple(ours[k].shape)}" for k, v in state.items()
+                  if k in ours and v.shape != ours[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{path}: its network differs from this task's ({len(missing)} missing, {len(unexpected)} "
+                         f"unexpected, {len(mismatched)} mismatched tensors; were the head's arguments other?)\n  "
+                         f"missing: {missing[:6]}\n  unexpected: {unexpected[:6]}\n  mismatched: {mismatched[:6]}")
+    network.load_state_dict(state, strict=False)
 
 
 def _head_keys(name: str) -> set[str]:
