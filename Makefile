@@ -23,10 +23,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m fishnet_pl.demo
 
-bench: $(STAMP)  # the backbone table, then end to end: fishnet-pl fit / predict against plain PyTorch loops
+bench: $(STAMP)  # the backbone table, end to end (fishnet-pl fit / predict against plain PyTorch loops), multi-task step
 	$(PY) -m bench.backbones
 	$(PY) -m bench.fit --workers 2 --rounds 2 --steps 4
 	$(PY) -m bench.predict --workers 2 --rounds 2 --steps 4
+	$(PY) -m bench.multitask --rounds 2 --steps 1
 
 docs: $(STAMP)  # the docs site into site/ (open site/index.html); a broken link or reference fails it
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site

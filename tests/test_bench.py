@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 import timm
 import torch
 import torchvision
 
-from bench import backbones, data, ops
+from bench import backbones, data, multitask, ops
 
 # One thread: steadier on a shared machine, where 2-thread ops stall whenever a thread is descheduled.
 TINY = ["--device", "cpu", "--threads", "1", "--batch-size", "2", "--image-size", "64", "--steps", "1", "--warmup", "1"]
@@ -140,3 +142,82 @@ def test_data_bench_skips_a_datamodule_that_is_not_importable_with_a_note(tmp_pa
     assert "not importable" in payload["results"]["missing"]["skipped"]
     captured = capsys.readouterr()
     assert "note: skipping missing" in captured.err and "| missing | skipped: not importable" in captured.out
+
+
+# The recipe's three sub-heads at a small width (as tests/test_multitask.py builds them), in a task file.
+TINY_HEADS = """
+model:
+  freeze_bn: true
+  head:
+    class_path: fishnet_pl.tasks.MultiTaskHead
+    init_args:
+      tasks:
+        cls: {class_path: fishnet_pl.tasks.ClassificationHead}
+        det:
+          class_path: fishnet_pl.tasks.DetectionHead
+          init_args: {fpn_channels: 32, representation_size: 32, mask_head_channels: 8, box_batch_size_per_image: 16}
+        seg:
+          class_path: fishnet_pl.tasks.SegmentationHead
+          init_args: {decoder_kwargs: {decoder_pyramid_channels: 32, decoder_segmentation_channels: 32}}
+      loss_weights: {seg: 0.5}
+"""
+TINY_MULTITASK = ["--model", "fishnet_tiny", "--device", "cpu", "--threads", "1", "--batch-sizes", "cls=2,det=1,seg=1",
+                  "--image-sizes", "cls=64,det=64x96,seg=64", "--steps", "1", "--warmup", "1", "--rounds", "2"]
+
+
+def test_multitask_bench_times_one_step_of_all_tasks_against_the_sum_of_the_single_steps(tmp_path, capsys):
+    config = tmp_path / "heads.yaml"
+    config.write_text(TINY_HEADS)
+    threads = torch.get_num_threads()
+    payload = multitask.main([*TINY_MULTITASK, "--config", str(config), "--json", str(tmp_path / "m.json")])
+    assert torch.get_num_threads() == threads  # --threads holds for the run only
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(payload))
+    s = payload["settings"]
+    assert s["threads"] == 1 and s["options"] == {"freeze_bn": True}  # the config's freezing applies to every step
+    assert {name: (t["head"], t["batch_size"], t["image_size"]) for name, t in s["tasks"].items()} == {
+        "cls": ("ClassificationHead", 2, [64, 64]), "det": ("DetectionHead", 1, [64, 96]),
+        "seg": ("SegmentationHead", 1, [64, 64])}
+
+    results, ratios = payload["results"], payload["ratios"]
+    assert list(results) == ["multi-task", "cls", "det", "seg", "sum"]
+    for name, row in results.items():
+        assert len(row["per_round_ms"]) == 2, name  # one time per round
+        for key in ("step_ms", "step_ms_best", "peak_memory_mb", "state_mb", "total_mb", "params_m"):
+            assert math.isfinite(row[key]) and row[key] > 0, (name, key)
+        assert row["total_mb"] == pytest.approx(row["state_mb"] + row["peak_memory_mb"]), name
+    for key in ("step_ms", "peak_memory_mb", "state_mb", "params_m"):
+        assert results["sum"][key] == pytest.approx(sum(results[t][key] for t in ("cls", "det", "seg"))), key
+    assert ratios["peak_memory"] == results["multi-task"]["peak_memory_mb"] / results["sum"]["peak_memory_mb"]
+    assert ratios["time"] > 0 and math.isfinite(ratios["time"])
+    # One backbone's weights and momentum instead of three.
+    assert results["multi-task"]["params_m"] < results["sum"]["params_m"] and ratios["state"] < 1
+
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| ")][1:]  # the header row left out
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| multi-task (cls + det + seg)", "| cls alone (ClassificationHead)", "| det alone (DetectionHead)",
+        "| seg alone (SegmentationHead)", "| sum of the single tasks"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 8 and all(math.isfinite(float(c)) for c in cells[1:7]), row
+    assert f"time {ratios['time']:.2f}, peak {ratios['peak_memory']:.2f} |" in rows[0]
+    assert re.search(r"## Multi-task step: fishnet_tiny \(cls 2 x 64x64, det 1 x 64x96, seg 1 x 64x64\)", printed)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch-sizes", "depth=2"], "name the tasks of"),
+    (["--batch-sizes", "cls2"], "give task=value"),
+    (["--image-sizes", "seg=64y64"], "HEIGHTxWIDTH"),
+    (["--model", "fishnet105"], "fishnet150"),
+])
+def test_multitask_bench_refuses_bad_options_before_building_anything(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        multitask.main([*argv, "--json", str(tmp_path / "m.json")])
+    assert message in capsys.readouterr().err
+
+
+def test_multitask_bench_needs_a_config_with_a_multitask_head(tmp_path):
+    config = tmp_path / "single.yaml"
+    config.write_text("model:\n  head:\n    class_path: fishnet_pl.tasks.ClassificationHead\n")
+    with pytest.raises(SystemExit, match=f"--config {config} has no model.head of class_path .*MultiTaskHead"):
+        multitask.main(["--config", str(config)])

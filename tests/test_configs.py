@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 import fishnet_pl
+from fishnet_pl.tasks import MultiTaskHead
 
 from .conftest import CONFIGS, ROOT, run_cli
 
-RECIPES = sorted(p for d in ("quickstart", "imagenet", "cityscapes", "coco") for p in (CONFIGS / d).glob("*.yaml"))
+RECIPES = sorted(p for d in ("quickstart", "imagenet", "cityscapes", "coco", "multitask")
+                 for p in (CONFIGS / d).glob("*.yaml"))
 # Task file -> (its data file, its head's class name).
 TASK_DATA = {"classification": ("imagenet", "ClassificationHead"), "segmentation": ("cityscapes", "SegmentationHead"),
              "detection": ("coco", "DetectionHead"), "panoptic_fpn": ("coco_panoptic", "PanopticHead")}
@@ -134,6 +136,37 @@ def test_a_readme_composition_is_the_same_run_as_its_one_file_recipe(one_file, c
     # Nothing is left out of the comparison: the recipe is the composition written out (same run folder,
     # loggers writing in it, same machine). The commands' other arguments are the same on both sides.
     assert resolved(capsys, *(CONFIGS / c for c in one_file)) == resolved(capsys, *(CONFIGS / c for c in composed))
+
+
+MULTITASK_RECIPE = "multitask/fishnet150_in1k_coco_cityscapes.yaml"
+#: Its datamodules by task name: the data file each one is.
+MULTITASK_DATA = {"cls": "data/imagenet.yaml", "det": "data/coco.yaml", "seg": "data/cityscapes.yaml"}
+
+
+def test_the_multitask_recipe_is_its_parts_written_out(capsys):
+    """Model and trainer: backbone + task/multitask + the shared trainer file + the machine file; each task's
+    datamodule: that task's data file; the tasks of the head, its loss weights and the data: the same names."""
+    recipe = resolved(capsys, CONFIGS / MULTITASK_RECIPE)
+    composed = resolved(capsys, *(CONFIGS / c for c in ("backbone/fishnet150.yaml", "task/multitask.yaml", *MACHINE)))
+    assert {k: v for k, v in recipe.items() if k != "data"} == {k: v for k, v in composed.items() if k != "data"}
+    datamodules = recipe["data"]["init_args"]["datamodules"]
+    for task, data in MULTITASK_DATA.items():
+        assert datamodules[task] == resolved(capsys, CONFIGS / data)["data"], task
+    head = recipe["model"]["head"]["init_args"]
+    assert set(head["tasks"]) == set(head["loss_weights"]) == set(datamodules) == set(MULTITASK_DATA)
+    assert head["tasks"]["cls"]["class_path"] == "fishnet_pl.tasks.ClassificationHead"  # the classifier is shared
+    # The sub-heads' arguments are plain dicts to the CLI (MultiTaskHead takes any head): the heads check them.
+    heads = MultiTaskHead(**head).heads
+    assert heads["det"].min_size == 800 and heads["seg"].eval_mode == "whole"
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_the_multitask_task_file_composes_with_any_backbone_and_machine(trainer, capsys):
+    config = resolved(capsys, CONFIGS / "backbone/resnet50.yaml", CONFIGS / "task/multitask.yaml",
+                      CONFIGS / "trainer/default.yaml", CONFIGS / f"trainer/{trainer}.yaml")
+    assert config["model"]["backbone"] == "resnet50"
+    assert config["model"]["head"]["class_path"] == "fishnet_pl.tasks.MultiTaskHead"
+    assert config["trainer"]["default_root_dir"] == "runs/multitask_in1k_coco_cityscapes"
 
 
 @pytest.mark.parametrize("machine", TRAINERS)
