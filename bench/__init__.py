@@ -1,7 +1,7 @@
 """Benchmarks: ``python -m bench.backbones`` (models), ``python -m bench.ops`` (FishNet's resampling ops),
 ``python -m bench.data`` (input pipelines), and end to end ``python -m bench.fit`` (``fishnet-pl fit`` against a
-plain PyTorch training loop) and ``python -m bench.predict`` (``fishnet-pl predict`` against ``load_network``
-in a plain loop).
+plain PyTorch training loop), ``python -m bench.predict`` (``fishnet-pl predict`` against ``load_network``
+in a plain loop) and ``python -m bench.multitask`` (a multi-task step against the single-task steps).
 
 They print Markdown tables; all but ops also write JSON under ``bench/results/`` (gitignored) with
 the machine and versions, since absolute numbers only mean something next to the machine that produced them.
