@@ -172,6 +172,14 @@ class FishNetCLI(LightningCLI):
             # The checkpoint's weights replace the backbone's initial ones: do not read (or fetch) those.
             config["model"]["backbone_weights"] = None
             self._predict_data_from_checkpoint(config)
+        if self.subcommand == "fit" and config.get("ckpt_path") == "last" and run_checkpoints(
+                config["trainer"].get("default_root_dir") or os.getcwd()):
+            # A resume: the checkpoint replaces the start weights, whose files may be gone by now. (A named file's
+            # hyper-parameters, which record none, replace the config's already; "last" is found only here.)
+            config["model"]["backbone_weights"] = None
+            head_arguments = (config["model"].get("head") or {}).get("init_args") or {}
+            if "task_weights" in head_arguments:
+                head_arguments["task_weights"] = None
         # Input size and evaluation resize are the backbone's (timm's pretrained_cfg), unless the config sets them.
         data = config.get("data") or {}
         init = data.get("init_args") if hasattr(data, "get") else None
@@ -257,9 +265,7 @@ class FishNetCLI(LightningCLI):
         at the ``hpc_ckpt_N.ckpt`` that SLURM's requeue signal (``--signal=USR1@90``) makes Lightning save in
         ``default_root_dir`` (it reads those only without a ``ckpt_path``). This looks at all three.
         """
-        root = Path(self.trainer.default_root_dir)
-        found = [*root.glob("hpc_ckpt_*.ckpt"), *root.glob("last.ckpt"), *root.glob("checkpoints/last*.ckpt"),
-                 *root.glob("*/checkpoints/last*.ckpt"), *root.glob("*/*/checkpoints/last*.ckpt")]
+        found = run_checkpoints(self.trainer.default_root_dir)
         found += [Path(path) for callback in self.trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)
                   for path in callback._find_last_checkpoints(self.trainer)]  # what Lightning's "last" looks at
         return str(max(found, key=os.path.getmtime)) if found else "last"
@@ -271,6 +277,14 @@ class FishNetCLI(LightningCLI):
         writer = PredictionWriter.for_head(self.model.head, config.predict_dir, config.overwrite)
         if writer is not None:
             self.trainer.callbacks.append(writer)
+
+
+def run_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """The checkpoints ``--ckpt_path last`` resumes from in a run folder: SLURM's ``hpc_ckpt_N.ckpt``, the
+    ``last.ckpt`` link, and each version's ``checkpoints/last*.ckpt``."""
+    root = Path(root)
+    return [*root.glob("hpc_ckpt_*.ckpt"), *root.glob("last.ckpt"), *root.glob("checkpoints/last*.ckpt"),
+            *root.glob("*/checkpoints/last*.ckpt"), *root.glob("*/*/checkpoints/last*.ckpt")]
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:

@@ -132,6 +132,10 @@ def test_single_task_checkpoints_start_a_multitask_run_and_are_never_read_again(
     run_cli(["validate", *args, "--ckpt_path", last, *csv_logger("validate")])
     resumed = run_cli(["fit", *args, "--trainer.max_steps", "2", "--ckpt_path", last, *csv_logger("resumed")])
     assert resumed.trainer.global_step == 2
+    # --ckpt_path last, which the CLI finds in the run folder after the config is read, does not read them either.
+    again = run_cli(["fit", *args, "--model.backbone_weights", str(cls_ckpt), "--trainer.max_steps", "3",
+                     "--trainer.default_root_dir", "multi", "--ckpt_path", "last", *csv_logger("again")])
+    assert again.trainer.global_step == 3
 
 
 @pytest.mark.parametrize("backbone", ["fishnet_tiny", "resnet18"])
