@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench import RESULTS_DIR, machine_info, markdown_table, run_end_to_end
+from bench import RESULTS_DIR, comma_separated, machine_info, markdown_table, run_end_to_end
 from bench.backbones import _sync, check_model_name, peak_memory_bytes
 from fishnet_pl.module import FishNetModule
 from fishnet_pl.tasks import ClassificationHead, DetectionHead, MultiTaskHead, SegmentationHead
@@ -277,7 +277,7 @@ def shown_path(path: Path) -> str:
 def per_task(text: str, parse: Callable[[str], object]) -> dict[str, object]:
     """``cls=8,det=2`` as ``{"cls": 8, "det": 2}``, each value through ``parse``."""
     pairs = {}
-    for item in (x.strip() for x in text.split(",") if x.strip()):
+    for item in comma_separated(text):
         name, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"{item!r}: give task=value, e.g. cls=8")

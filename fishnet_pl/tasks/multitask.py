@@ -259,10 +259,8 @@ class MultiTaskHead(TaskHead):
         return [{**record, "task": name} for record in self.heads[name].predict_step(network.tasks[name], batch)]
 
     def write_predictions(self, records: list[dict[str, Any]], paths: list[str], folder: Path, first: bool) -> None:
-        """Each task's files as its own head writes them, in ``<folder>/<task>/`` (a batch is one task's; ``first``
-        is passed on for each task's first batch, as the tasks' loaders run one after the other)."""
-        if first:
-            self._writing: set[str] = set()
+        """Each task's files as its own head writes them, in ``<folder>/<task>/`` (a batch is one task's, from its
+        own predict loader, so ``first`` marks each task's first batch)."""
         for name in dict.fromkeys(record["task"] for record in records):
             head = self.heads[name]
             if type(head).write_predictions is TaskHead.write_predictions:  # a task that writes no files
@@ -270,8 +268,7 @@ class MultiTaskHead(TaskHead):
             mine = [i for i, record in enumerate(records) if record["task"] == name]
             (folder / name).mkdir(parents=True, exist_ok=True)
             head.write_predictions([{k: v for k, v in records[i].items() if k != "task"} for i in mine],
-                                   [paths[i] for i in mine], folder / name, name not in self._writing)
-            self._writing.add(name)
+                                   [paths[i] for i in mine], folder / name, first)
 
     def _task_of(self, batch: dict) -> str:
         name = batch.get("task")
