@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def run_cli_subprocess(args: list[str], cwd: Path, timeout: int = 600,
 def validation_metrics(args: list, cwd: Path, devices: int) -> dict[str, float]:
     """``fishnet-pl validate ARGS`` in ``cwd`` on ``devices`` CPU processes (DDP: a new process, which
     re-launches the others; one device: this process): the logged ``val/`` metrics."""
-    out = cwd / f"validate_on_{devices}"
+    out = Path(tempfile.mkdtemp(prefix=f"validate_on_{devices}_", dir=cwd))  # its own folder: nothing shared
     args = ["validate", *args, "--trainer.devices", devices, "--trainer.strategy", "ddp" if devices > 1 else "auto",
             "--trainer.enable_progress_bar", "false", *csv_logger(out)]
     if devices > 1:
