@@ -305,6 +305,9 @@ CHATTER_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own pytree code on torch 2.14
     r"No seed found, seed set to",  # predict without a config: nothing random happens
     r"The dirpath has changed from",  # a resumed run writes in its own version folder, by design
+    # Under DDP, for each val/test metric: FishNetModule logs the values of torchmetrics' compute(), already reduced
+    # over every process, which Lightning cannot tell from a rank's own (Lightning #20153, a false positive).
+    r"It is recommended to use `self\.log\('(val|test)/.*sync_dist=True",
 )
 
 
