@@ -29,6 +29,7 @@ import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import datamodules
 from datamodules.common import DatasetError
@@ -235,12 +236,29 @@ class FishNetCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_run()
+        self._say_where_outputs_go()
 
     def before_validate(self) -> None:
         self._check_run()
+        self._say_where_outputs_go()
 
     def before_test(self) -> None:
         self._check_run()
+        self._say_where_outputs_go()
+
+    def _say_where_outputs_go(self) -> None:
+        """Before the run starts, so that a run stopped midway has said it too."""
+        if self.trainer.loggers:
+            what = "logs, checkpoints and config.yaml" if self.subcommand == "fit" else "logs (metrics.csv)"
+            folder = self.trainer.log_dir.rstrip("/") or "/"  # a logger without name and version ends it with /
+            rank_zero_info(f"{self.subcommand}: {what} go to {folder}")
+
+    def after_fit(self) -> None:
+        best = self.trainer.checkpoint_callback
+        if best is None or not best.dirpath:
+            return
+        kept = f"best checkpoint {best.best_model_path}; " if best.best_model_path else ""
+        rank_zero_info(f"fit: {kept}checkpoints in {best.dirpath} (to resume or train on: --ckpt_path last)")
 
     def _check_run(self) -> None:
         """Before the trainer starts, not hours into the run: every output folder is writable, and ``--ckpt_path``

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -27,6 +28,15 @@ def test_fit_resume_and_predict_print_no_third_party_chatter(tmp_path):
         assert run.returncode == 0, run.stderr[-3000:]
         shown = run.stdout + run.stderr
         assert not [c for c in CHATTER if c in shown], shlex.join(run.args) + "\n" + shown[-3000:]
+    # Each fit says where its run folder is, before it starts (a killed run has said it too) and, at the end, the
+    # best checkpoint; both are there.
+    for version, run in enumerate(runs[:2]):
+        shown = run.stdout + run.stderr
+        folder = Path("runs/quickstart/classification") / f"version_{version}"
+        assert f"fit: logs, checkpoints and config.yaml go to {folder}\n" in shown, shown[-3000:]
+        best = re.search(r"fit: best checkpoint (\S+); checkpoints in (\S+) ", shown)
+        assert best and Path(best[1]).parent == folder / "checkpoints" == Path(best[2]), shown[-3000:]
+        assert (tmp_path / best[1]).is_file() and (tmp_path / folder / "config.yaml").is_file()
 
 
 def test_the_demo_ends_with_where_each_run_wrote_and_the_next_commands(classification_quickstart):
