@@ -249,7 +249,7 @@ class FishNetCLI(LightningCLI):
     def _say_where_outputs_go(self) -> None:
         """Before the run starts, so that a run stopped midway has said it too."""
         if self.trainer.loggers:
-            what = "logs, checkpoints and config.yaml" if self.subcommand == "fit" else "logs (metrics.csv)"
+            what = "logs, checkpoints and config.yaml" if self.subcommand == "fit" else "logs and config.yaml"
             folder = self.trainer.log_dir.rstrip("/") or "/"  # a logger without name and version ends it with /
             rank_zero_info(f"{self.subcommand}: {what} go to {folder}")
 

@@ -56,7 +56,7 @@ def validation_metrics(args: list, cwd: Path, devices: int) -> dict[str, float]:
         assert result.returncode == 0, result.stderr[-3000:]
         # The metrics are reduced over the processes already: Lightning's advice to sync them again is not shown.
         assert "sync_dist=True" not in result.stderr, result.stderr[-3000:]
-        assert f"validate: logs (metrics.csv) go to {out}\n" in result.stdout + result.stderr, result.stderr[-3000:]
+        assert f"validate: logs and config.yaml go to {out}\n" in result.stdout + result.stderr, result.stderr[-3000:]
     else:
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(cwd)
