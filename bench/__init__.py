@@ -163,14 +163,14 @@ def comma_separated(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def run_end_to_end(args, run, report) -> dict:
-    """An end-to-end bench's ``main``: ``run(args)`` with ``--threads`` torch threads for the run only and freed
-    memory kept as ``fishnet-pl`` keeps it (process-wide: the plain loop gets it too), then its table printed and
-    its JSON written."""
+def run_bench(args, run, report) -> dict:
+    """A bench's ``main``: ``run(args)`` with ``--threads`` torch threads for the run only and freed memory kept as
+    ``fishnet-pl`` keeps it (process-wide: a plain loop gets it too; ``bench.backbones --malloc default`` leaves the C
+    library's default, noted in ``args.malloc_kept``), then its table printed and its JSON written."""
     import fishnet_pl
 
     threads = torch.get_num_threads()
-    fishnet_pl.keep_freed_memory()
+    args.malloc_kept = getattr(args, "malloc", "keep") == "keep" and fishnet_pl.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

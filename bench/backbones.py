@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fishnet_pl
-from bench import RESULTS_DIR, machine_info, markdown_table, write_json
+from bench import RESULTS_DIR, machine_info, markdown_table, run_bench
 
 REFERENCE_MODELS = ("resnet50", "resnet101", "resnext50_32x4d", "densenet161")
 DEFAULT_MODELS = ("fishnet99", "fishnet150", "fishnet201", *REFERENCE_MODELS)
@@ -507,20 +507,7 @@ def _load_warning(machine: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    args.malloc_kept = args.malloc == "keep" and fishnet_pl.keep_freed_memory()  # process-wide, every model alike
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        payload = run(args)
-    finally:  # main() also runs inside other processes (the tests)
-        torch.set_num_threads(threads)
-    print(report(payload))
-    path = write_json(args.json, payload)
-    print(f"\nwrote {path}", file=sys.stderr)
-    return payload
-
+    return run_bench(parse_args(argv), run, report)
 
 if __name__ == "__main__":
     main()

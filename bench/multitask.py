@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench import RESULTS_DIR, comma_separated, machine_info, markdown_table, run_end_to_end
+from bench import RESULTS_DIR, comma_separated, machine_info, markdown_table, run_bench
 from bench.backbones import _sync, check_model_name, peak_memory_bytes
 from fishnet_pl.module import FishNetModule
 from fishnet_pl.tasks import ClassificationHead, DetectionHead, MultiTaskHead, SegmentationHead
@@ -349,7 +349,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_end_to_end(parse_args(argv), run, report)
+    return run_bench(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

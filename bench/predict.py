@@ -41,7 +41,7 @@ from bench import (
     command_line_of_its_own,
     machine_info,
     markdown_table,
-    run_end_to_end,
+    run_bench,
     stretch_rate,
     summarize,
     write_jpegs,
@@ -220,7 +220,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_end_to_end(parse_args(argv), run, report)
+    return run_bench(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":
