@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
+from torch.nn.parallel import DistributedDataParallel
 
 from datamodules.dataset_info import DatasetInfo, dataset_info
 
@@ -173,9 +174,20 @@ class MultiTaskDataModule(L.LightningDataModule):
         loaders = {name: dm.train_dataloader() for name, dm in self.datamodules.items()}
         if self.mode == "joint":
             return CombinedLoader(loaders, self.epoch)
+        self._check_ddp_allows_unused_parameters()
         self._train_loader = AlternatingLoader(loaders, self.ratio, self.epoch, start=self._resume_step)
         self._resume_step = 0
         return self._train_loader
+
+    def _check_ddp_allows_unused_parameters(self) -> None:
+        """Alternate mode trains one task a step: the other tasks' decoders get no gradient, which DDP must be told
+        of. Lightning has wrapped the model by now, so this stops the run before its first step (DDP alone would
+        stop it at the second)."""
+        model = self.trainer.model if self.trainer is not None else None
+        if isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
+            raise ValueError("MultiTaskDataModule(mode='alternate') under DDP: each step trains one task, so the "
+                             "other tasks' decoders get no gradient in it, which DDP has to be told of: run with "
+                             "--trainer.strategy ddp_find_unused_parameters_true")
 
     def val_dataloader(self) -> list:
         return [dm.val_dataloader() for dm in self.datamodules.values()]

@@ -209,6 +209,20 @@ def test_a_multitask_run_killed_mid_epoch_ends_with_the_weights_of_an_uninterrup
     assert_same_final_weights("a/checkpoints/last.ckpt", "b/checkpoints/last.ckpt", global_step=6)
 
 
+def test_alternate_mode_under_ddp_stops_before_its_first_step_unless_ddp_allows_unused_parameters(in_tmp):
+    # One process is enough: DDP's reducer checks every parameter got a gradient whatever the world size.
+    from .conftest import csv_logger, run_cli
+
+    args = ["fit", "--config", multitask_config(in_tmp), "--data.init_args.mode", "alternate",
+            "--trainer.devices", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0",
+            "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", *csv_logger("run")]
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters_true") as stopped:
+        run_cli([*args, "--trainer.strategy", "ddp"])
+    assert "mode='alternate'" in str(stopped.value)
+    cli = run_cli([*args, "--trainer.strategy", "ddp_find_unused_parameters_true"])
+    assert cli.trainer.global_step == 6  # each task's 2 batches (limit_train_batches), one task a step
+
+
 def test_multitask_validation_on_three_processes_gives_the_one_process_metrics(in_tmp):
     from .conftest import csv_logger, run_cli, validation_metrics
 
