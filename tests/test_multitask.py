@@ -210,17 +210,22 @@ def test_a_multitask_run_killed_mid_epoch_ends_with_the_weights_of_an_uninterrup
 
 
 def test_alternate_mode_under_ddp_stops_before_its_first_step_unless_ddp_allows_unused_parameters(in_tmp):
-    # One process is enough: DDP's reducer checks every parameter got a gradient whatever the world size.
-    from .conftest import csv_logger, run_cli
+    # One process is enough: DDP's reducer checks every parameter got a gradient whatever the world size. Run as
+    # new processes: DDP in this one would leave its process group behind for the next tests.
+    from .conftest import csv_logger, run_checkpoint, run_cli_subprocess
 
     args = ["fit", "--config", multitask_config(in_tmp), "--data.init_args.mode", "alternate",
             "--trainer.devices", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0",
             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", *csv_logger("run")]
-    with pytest.raises(ValueError, match="ddp_find_unused_parameters_true") as stopped:
-        run_cli([*args, "--trainer.strategy", "ddp"])
-    assert "mode='alternate'" in str(stopped.value)
-    cli = run_cli([*args, "--trainer.strategy", "ddp_find_unused_parameters_true"])
-    assert cli.trainer.global_step == 6  # each task's 2 batches (limit_train_batches), one task a step
+    stopped = run_cli_subprocess([*args, "--trainer.strategy", "ddp"], cwd=in_tmp)
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    message = "fishnet-pl: error: MultiTaskDataModule(mode='alternate') under DDP"
+    assert message in stopped.stderr and "ddp_find_unused_parameters_true" in stopped.stderr, stopped.stderr[-3000:]
+    assert not list(in_tmp.glob("run/checkpoints/*.ckpt"))  # stopped before its first step
+    ran = run_cli_subprocess([*args, "--trainer.strategy", "ddp_find_unused_parameters_true"], cwd=in_tmp)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    # Each task's 2 batches (limit_train_batches), one task a step.
+    assert torch.load(run_checkpoint(in_tmp / "run"), weights_only=True)["global_step"] == 6
 
 
 def test_multitask_validation_on_three_processes_gives_the_one_process_metrics(in_tmp):
