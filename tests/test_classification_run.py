@@ -279,13 +279,9 @@ def test_bf16_mixed_precision_trains_on_the_cpu(in_tmp):
 
 
 def test_sync_batchnorm_on_cpu_gives_a_clear_message(in_tmp):
-    try:
-        with pytest.raises(RuntimeError, match="sync_batchnorm=True needs GPUs"):
-            run_cli(["fit", *small_run(in_tmp), "--trainer.max_epochs", "1", "--trainer.strategy", "ddp",
-                     "--trainer.devices", "1", "--trainer.sync_batchnorm", "true", *csv_logger("sync")])
-    finally:  # the stopped run leaves DDP's process group up: this worker's later runs would count as distributed
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with pytest.raises(RuntimeError, match="sync_batchnorm=True needs GPUs"):
+        run_cli(["fit", *small_run(in_tmp), "--trainer.max_epochs", "1", "--trainer.strategy", "ddp",
+                 "--trainer.devices", "1", "--trainer.sync_batchnorm", "true", *csv_logger("sync")])
 
 
 def test_the_input_size_rule_is_the_backbones(in_tmp):
